@@ -1,0 +1,357 @@
+"""Named optimizers: each one is a chain of public transformations, nothing more.
+
+Signatures mirror optax's where optax has the same optimizer (``import jopt as
+optax`` keeps working); jopt's extra options are keyword-only, chiefly
+``state_storage`` (``None`` | ``"float32"`` | ``"bfloat16"`` | ``"int8"``, see
+:mod:`jopt.storage`). Every optimizer checks its hyper-parameters when it is built
+and raises a `ValueError` naming the argument and its valid range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from jopt import transforms
+from jopt._validation import check_in_range, check_learning_rate
+from jopt.base import GradientTransformationExtraArgs, ScalarOrSchedule, chain, identity
+from jopt.transforms import StateStorageLike
+
+__all__ = [
+    "adagrad",
+    "adam",
+    "adamw",
+    "gd",
+    "momentum",
+    "nadam",
+    "nadamw",
+    "nesterov",
+    "rmsprop",
+    "sgd",
+]
+
+
+def _learning_rate(learning_rate: ScalarOrSchedule):
+    check_learning_rate(learning_rate)
+    return optax.scale_by_learning_rate(learning_rate)
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+    *,
+    dampening: float = 0.0,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    r"""Stochastic gradient descent, with optional (heavy-ball, EMA or Nesterov) momentum.
+
+    Without momentum, ``θ ← θ − α g``. With momentum ``β`` the velocity
+    ``v ← βv + (1−d)g`` is followed instead (``d`` = ``dampening``; see
+    :func:`jopt.scale_by_momentum`), giving heavy-ball momentum
+    ``θ_{t+1} = θ_t − α∇J(θ_t) + β(θ_t − θ_{t−1})`` for ``d = 0``, the EMA form for
+    ``d = β``, and Nesterov's method for ``nesterov=True``.
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule ``step -> α``.
+      momentum: ``β`` in [0, 1], or None for plain SGD.
+      nesterov: Nesterov's look-ahead (needs ``momentum``).
+      accumulator_dtype: storage dtype of the velocity (optax's option).
+      dampening: ``d`` in [0, 1); ``dampening=momentum`` is the EMA form.
+      state_storage: how the velocity is stored (see :mod:`jopt.storage`).
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      Fit ``y = 3x`` by minibatch SGD with momentum:
+
+      >>> import jax, jax.numpy as jnp, jopt
+      >>> x = jnp.linspace(-1, 1, 64); y = 3.0 * x
+      >>> loss = lambda w, xb, yb: jnp.mean((w * xb - yb) ** 2)
+      >>> tx = jopt.sgd(0.1, momentum=0.9)
+      >>> w = jnp.array(0.0); state = tx.init(w)
+      >>> for step in range(200):
+      ...   i = (step * 16) % 64
+      ...   g = jax.grad(loss)(w, x[i:i + 16], y[i:i + 16])
+      ...   updates, state = tx.update(g, state)
+      ...   w = jopt.apply_updates(w, updates)
+      >>> round(float(w), 3)
+      3.0
+
+    References:
+      Robbins & Monro, *A Stochastic Approximation Method*, 1951. Polyak, 1964.
+      Sutskever et al., ICML 2013.
+    """
+    if nesterov and momentum is None:
+        raise ValueError("nesterov=True needs momentum; pass momentum=0.9, for example.")
+    if momentum is None:
+        if not (isinstance(dampening, (int, float)) and dampening == 0):
+            raise ValueError("dampening needs momentum; pass momentum as well.")
+        velocity = identity()
+    else:
+        velocity = transforms.scale_by_momentum(
+            momentum,
+            nesterov=nesterov,
+            dampening=dampening,
+            accumulator_dtype=accumulator_dtype,
+            state_storage=state_storage,
+        )
+    return chain(velocity, _learning_rate(learning_rate))
+
+
+def gd(learning_rate: ScalarOrSchedule) -> GradientTransformationExtraArgs:
+    r"""Plain gradient descent, ``θ ← θ − α∇J(θ)``: :func:`sgd` on full batches.
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      Full-batch gradient descent on linear regression ``y = 3x + 1``:
+
+      >>> import jax, jax.numpy as jnp, jopt
+      >>> x = jnp.linspace(-1, 1, 100); y = 3 * x + 1
+      >>> loss = lambda p: jnp.mean((p["w"] * x + p["b"] - y) ** 2)
+      >>> params = {"w": 0.0, "b": 0.0}
+      >>> tx = jopt.gd(0.5); state = tx.init(params)
+      >>> for _ in range(200):
+      ...   updates, state = tx.update(jax.grad(loss)(params), state)
+      ...   params = jopt.apply_updates(params, updates)
+      >>> round(float(params["w"]), 3), round(float(params["b"]), 3)
+      (3.0, 1.0)
+
+    References:
+      Cauchy, *Méthode générale pour la résolution des systèmes d'équations
+      simultanées*, 1847.
+    """
+    return sgd(learning_rate)
+
+
+def momentum(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    dampening: float = 0.0,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    """Heavy-ball momentum (or its EMA form with ``dampening=momentum``).
+
+    Same as ``sgd(learning_rate, momentum, dampening=...)``; see :func:`sgd`.
+
+    Example:
+      >>> import jopt
+      >>> tx = jopt.momentum(0.01, 0.9, dampening=0.9)  # v <- 0.9 v + 0.1 g
+    """
+    return sgd(learning_rate, momentum, dampening=dampening, state_storage=state_storage)
+
+
+def nesterov(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    """Nesterov accelerated gradient; same as ``sgd(..., momentum, nesterov=True)``.
+
+    Example:
+      >>> import jopt
+      >>> tx = jopt.nesterov(0.01, 0.9)
+    """
+    return sgd(learning_rate, momentum, nesterov=True, state_storage=state_storage)
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    r"""AdaGrad: ``θ ← θ − α g / sqrt(Σ g² + ε)`` (Duchi et al. 2011).
+
+    See :func:`jopt.scale_by_adagrad` for the update rule.
+
+    Example:
+      >>> import jax.numpy as jnp, jopt
+      >>> tx = jopt.adagrad(learning_rate=0.1)
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    return chain(
+        transforms.scale_by_adagrad(
+            initial_accumulator_value, eps, state_storage=state_storage
+        ),
+        _learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    r"""RMSprop (Tieleman & Hinton 2012): plain, centered, and with momentum.
+
+    ``θ ← θ − α g / sqrt(ν + ε)``, ``ν`` an EMA of ``g²`` (see
+    :func:`jopt.scale_by_rms`); with ``momentum`` the scaled step is then
+    accumulated by heavy-ball (or Nesterov) momentum, as in optax.
+
+    Example:
+      >>> import jax.numpy as jnp, jopt
+      >>> tx = jopt.rmsprop(1e-3, centered=True, momentum=0.9)
+      >>> state = tx.init({"w": jnp.zeros(3)})
+    """
+    if nesterov and momentum is None:
+        raise ValueError("nesterov=True needs momentum; pass momentum=0.9, for example.")
+    return chain(
+        transforms.scale_by_rms(
+            decay, eps, initial_scale, eps_in_sqrt, bias_correction,
+            centered=centered, state_storage=state_storage,
+        ),
+        _learning_rate(learning_rate),
+        identity() if momentum is None else transforms.scale_by_momentum(
+            momentum, nesterov=nesterov, state_storage=state_storage
+        ),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    r"""Adam (Kingma & Ba 2014), with NAdam and AMSGrad options.
+
+    ``θ ← θ − α \hat m_t / (sqrt(\hat v_t) + ε)`` with bias-corrected moments; see
+    :func:`jopt.scale_by_adam`. (Some tutorials print
+    ``θ ← θ − α(∇J + βθ_{t−1} + γ(θ_t − θ_{t−1}))`` as "Adam": that is SGD with
+    weight decay and momentum, not Adam.)
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+      b1, b2, eps, eps_root, mu_dtype: as in :func:`jopt.scale_by_adam`.
+      nesterov: NAdam.
+      amsgrad: AMSGrad (same trajectory as ``optax.amsgrad``).
+      state_storage: ``None`` | ``"float32"`` | ``"bfloat16"`` | ``"int8"``.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jopt
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> tx = jopt.adam(learning_rate=0.1, state_storage="bfloat16")
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = tx.update(grads, state)
+      >>> jopt.apply_updates(params, updates)["w"]
+      Array([ 0.9, -1.9], dtype=float32)
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+    """
+    return chain(
+        transforms.scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype,
+            nesterov=nesterov, amsgrad=amsgrad, state_storage=state_storage,
+        ),
+        _learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+
+    ``θ ← θ − α (\hat m_t / (sqrt(\hat v_t) + ε) + λ θ)``: the decay ``λ`` is applied
+    to the parameters directly, not added to the gradient, so it is not rescaled by
+    Adam's denominator. ``mask`` (a tree of booleans like the params, or a function
+    of the params returning one) selects the parameters that decay; biases and
+    norms are commonly excluded.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jopt
+      >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+      >>> no_bias = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+      >>> tx = jopt.adamw(1e-3, weight_decay=0.01, mask=no_bias)
+      >>> state = tx.init(params)
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+    """
+    if not callable(weight_decay):
+        check_in_range("weight_decay", weight_decay, 0.0,
+                       hint="Use weight_decay=0 to turn decay off.")
+    return chain(
+        transforms.scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype,
+            nesterov=nesterov, amsgrad=amsgrad, state_storage=state_storage,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        _learning_rate(learning_rate),
+    )
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = True,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    """NAdam (Dozat 2016): :func:`adam` with ``nesterov=True``."""
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
+                nesterov=nesterov, state_storage=state_storage)
+
+
+def nadamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+    *,
+    nesterov: bool = True,
+    state_storage: StateStorageLike = None,
+) -> GradientTransformationExtraArgs:
+    """NAdamW: :func:`adamw` with ``nesterov=True``."""
+    return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+                 nesterov=nesterov, state_storage=state_storage)

@@ -1,0 +1,15 @@
+"""Test configuration: 8 simulated CPU devices, set before JAX initialises."""
+
+import os
+
+# Must happen before jax is imported anywhere, so the pmap/shard_map paths run in CI.
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests must never read from or write into the user's real dataset cache.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
