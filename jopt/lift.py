@@ -191,8 +191,8 @@ def lift(
         for i, grad in enumerate(grads):
             previous = [column[i] for column in stored]
             decoded = tuple(c.decode(s) for c, s in zip(codecs, previous))
-            grad_compute = grad.astype(storage_lib.compute_dtype(grad.dtype))
-            update, values = rule(grad_compute, decoded, count)
+            grad = jnp.asarray(grad)
+            update, values = rule(grad.astype(storage_lib.compute_dtype(grad.dtype)), decoded, count)
             new_updates.append(update.astype(grad.dtype))
             for column, moment, codec, value, old in zip(
                 new_moments, moments, codecs, values, previous

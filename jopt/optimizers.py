@@ -263,7 +263,7 @@ def adam(
       >>> state = tx.init(params)
       >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
       >>> updates, state = tx.update(grads, state)
-      >>> jopt.apply_updates(params, updates)["w"]
+      >>> jnp.round(jopt.apply_updates(params, updates)["w"], 4)
       Array([ 0.9, -1.9], dtype=float32)
 
     References:

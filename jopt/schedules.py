@@ -67,7 +67,7 @@ def inverse_time_decay(
     Example:
       >>> import jopt
       >>> schedule = jopt.schedules.inverse_time_decay(0.1, decay_rate=1.0, decay_steps=10)
-      >>> float(schedule(10))
+      >>> round(float(schedule(10)), 6)
       0.05
     """
     check_in_range("init_value", init_value, 0.0)
@@ -95,7 +95,7 @@ def step_decay_schedule(
     Example:
       >>> import jopt
       >>> schedule = jopt.schedules.step_decay_schedule(0.1, 0.5, step_size=100)
-      >>> float(schedule(250))
+      >>> round(float(schedule(250)), 6)
       0.025
     """
     check_in_range("init_value", init_value, 0.0)
