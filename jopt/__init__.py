@@ -66,6 +66,25 @@ from jopt.transforms import (
 
 __version__ = "0.1.0"
 
+# Submodules that pull in Flax, orbax, matplotlib or the data layer load on first use,
+# so `import jopt` stays as light as `import optax`.
+_LAZY_SUBMODULES = (
+    "checkpoints", "cli", "data", "distributed", "inspect", "models", "parallel", "pruning",
+    "quantization", "train",
+)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"jopt.{name}")
+    raise AttributeError(f"module 'jopt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     # protocol (optax's)
     "EmptyState",

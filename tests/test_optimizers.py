@@ -382,3 +382,25 @@ def test_classic_schedules():
     assert float(staircase(3)) == pytest.approx(0.5)
     step = jopt.schedules.step_decay_schedule(0.1, 0.5, step_size=10)
     assert [float(step(t)) for t in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+
+
+@pytest.mark.parametrize(
+    "state_storage, expected", [(None, {"f32": "float32", "bf16": "bfloat16"}),
+                                ("float32", {"f32": "float32", "bf16": "float32"}),
+                                ("bfloat16", {"f32": "bfloat16", "bf16": "bfloat16"})],
+)
+def test_state_dtype_follows_the_param_unless_asked(state_storage, expected):
+    params = {"f32": jnp.ones(4, jnp.float32), "bf16": jnp.ones(4, jnp.bfloat16)}
+    tx = jopt.scale_by_adam(state_storage=state_storage)
+    state = tx.init(params)
+    _, state = tx.update(params, state)
+    for moment in (state.mu, state.nu):
+        assert {k: v.dtype.name for k, v in moment.items()} == expected
+
+
+def test_lazy_submodules_do_not_load_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, jopt; assert 'flax' not in sys.modules and 'orbax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
