@@ -1,0 +1,572 @@
+"""Builds jopt's notebooks (``notebooks/*.ipynb``) from the cells written below.
+
+The notebooks are generated, stored without outputs, so that a change to a
+notebook is a reviewable change to this file. Each notebook starts with the same
+two cells: one that installs jopt when it is missing, and a ``parameters`` cell
+(papermill-style) whose ``SMALL`` flag - set by ``JOPT_NOTEBOOK_SMALL=1`` - runs
+the same code with CI-sized settings.
+
+Usage::
+
+    python notebooks/_build.py           # (re)write every notebook
+    python notebooks/_build.py --check   # exit 1 if a stored notebook is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+__all__ = ["NOTEBOOKS", "build", "main"]
+
+HERE = Path(__file__).resolve().parent
+
+# Where pip gets jopt when the notebook does not run inside a clone (Colab). The
+# GitHub owner is not fixed yet: OWNER is a placeholder to replace on release.
+PIP_SOURCE = "git+https://github.com/OWNER/jopt.git"
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_markdown_cell(textwrap.dedent(text).strip())
+
+
+def code(text: str, *, tags: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(textwrap.dedent(text).strip())
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def install_cell() -> nbformat.NotebookNode:
+    return code(f'''
+        # Installs jopt only when it is missing: from this clone when the notebook runs
+        # inside one, else from JOPT_PIP_SOURCE (on Colab: set it to jopt's repository;
+        # OWNER below is a placeholder).
+        import importlib.util, os, pathlib, subprocess, sys
+
+        JOPT_PIP_SOURCE = os.environ.get("JOPT_PIP_SOURCE", "{PIP_SOURCE}")
+        if importlib.util.find_spec("jopt") is None:
+            repo = pathlib.Path.cwd().parent
+            if (repo / "pyproject.toml").is_file() and (repo / "jopt").is_dir():
+                subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo)])
+                sys.path.insert(0, str(repo))  # an editable install is seen by new processes only
+            else:
+                subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", JOPT_PIP_SOURCE])
+            importlib.invalidate_caches()
+    ''')
+
+
+def parameters_cell(extra: str = "") -> nbformat.NotebookNode:
+    text = '''
+        # Parameters (papermill: this cell is tagged "parameters").
+        # SMALL runs the same code with tiny sizes; CI sets JOPT_NOTEBOOK_SMALL=1.
+        import os
+
+        SMALL = os.environ.get("JOPT_NOTEBOOK_SMALL", "0") not in ("", "0")
+        SEED = 0
+    '''
+    return code(textwrap.dedent(text) + textwrap.dedent(extra), tags=("parameters",))
+
+
+# --------------------------------------------------------------------------------------
+# 01 - optimizers from the ground up
+# --------------------------------------------------------------------------------------
+
+def notebook_01() -> list[nbformat.NotebookNode]:
+    return [
+        md(r'''
+            # 01 · Optimizers from the ground up
+
+            Every optimizer in jopt is a pair of pure functions, `init(params) -> state` and
+            `update(grads, state, params) -> (updates, state)` (optax's protocol), so a training
+            step is always the same three lines:
+
+            ```python
+            grads = jax.grad(loss)(params)
+            updates, state = tx.update(grads, state, params)
+            params = jopt.apply_updates(params, updates)
+            ```
+
+            This notebook builds up the classic algorithms on problems small enough to draw:
+
+            1. linear regression fitted by full-batch **gradient descent** and by minibatch **SGD**;
+            2. GD, SGD, **momentum** (heavy-ball and EMA forms), **Nesterov**, **AdaGrad**, **RMSprop**
+               and **Adam** racing on the Rosenbrock valley and on an ill-conditioned quadratic;
+            3. why **learning-rate decay** and **gradient clipping** matter, on cases where they
+               change the outcome.
+
+            It runs on a CPU in about a minute; on Colab any runtime works.
+        '''),
+        install_cell(),
+        parameters_cell(),
+        code('''
+            import jax
+            import jax.numpy as jnp
+            import matplotlib.pyplot as plt
+            import numpy as np
+
+            import jopt
+
+            print(f"jax {jax.__version__} on {jax.default_backend()}, jopt {jopt.__version__}")
+
+            NUM_POINTS = 256                      # linear-regression data set
+            EPOCHS = 20 if SMALL else 40          # minibatch SGD epochs
+            RACE_STEPS = 2000 if SMALL else 3000  # steps on Rosenbrock
+            GRID = 120 if SMALL else 400          # contour-plot resolution
+        '''),
+        md(r'''
+            ## 1. Linear regression: gradient descent and SGD
+
+            Data: $y_i = 3x_i + \varepsilon_i$ with $x_i \sim U(-1, 1)$ and Gaussian noise
+            $\varepsilon_i$. Model $\hat y = wx + b$, fitted by minimising the mean squared error
+
+            $$J(w, b) = \frac1N \sum_{i=1}^N (w x_i + b - y_i)^2, \qquad
+              \frac{\partial J}{\partial w} = \frac2N \sum_i (w x_i + b - y_i)\,x_i, \qquad
+              \frac{\partial J}{\partial b} = \frac2N \sum_i (w x_i + b - y_i).$$
+
+            **Gradient descent** (Cauchy, 1847) steps against the gradient with learning rate
+            $\alpha$: $\;\theta \leftarrow \theta - \alpha \nabla J(\theta)$. `jax.grad` computes
+            $\nabla J$ for us; `jopt.gd(alpha)` is the update rule.
+        '''),
+        code('''
+            rng = np.random.default_rng(SEED)
+            x = rng.uniform(-1.0, 1.0, NUM_POINTS).astype(np.float32)
+            y = (3.0 * x + 0.5 * rng.normal(size=NUM_POINTS)).astype(np.float32)
+
+            # The least-squares solution: the best any optimizer can reach on this sample.
+            w_ls, b_ls = np.linalg.lstsq(np.stack([x, np.ones_like(x)], axis=1), y, rcond=None)[0]
+
+
+            def mse(params, xb, yb):
+                return jnp.mean((params["w"] * xb + params["b"] - yb) ** 2)
+
+
+            tx = jopt.gd(learning_rate=0.5)
+            params = {"w": jnp.array(0.0), "b": jnp.array(0.0)}
+            state = tx.init(params)
+
+
+            @jax.jit
+            def gd_step(params, state):
+                loss, grads = jax.value_and_grad(mse)(params, x, y)
+                updates, state = tx.update(grads, state, params)
+                return jopt.apply_updates(params, updates), state, loss
+
+
+            gd_losses = []
+            for step in range(50):
+                params, state, loss = gd_step(params, state)
+                gd_losses.append(float(loss))
+            gd_params = params
+            print(f"GD:            w = {float(gd_params['w']):.4f}, b = {float(gd_params['b']):.4f}")
+            print(f"least squares: w = {w_ls:.4f}, b = {b_ls:.4f}")
+        '''),
+        md(r'''
+            **Stochastic gradient descent** (Robbins & Monro, 1951) replaces the full gradient by
+            the gradient on a random minibatch $B$ of the data,
+            $\hat g = \nabla \frac1{|B|}\sum_{i \in B}(w x_i + b - y_i)^2$: an unbiased but noisy
+            estimate that costs $|B|/N$ of a full gradient. One *epoch* is one pass over the
+            shuffled data. The update rule is the same (`jopt.sgd`); only the gradient changes.
+        '''),
+        code('''
+            BATCH = 16
+            tx = jopt.sgd(learning_rate=0.1)
+            params = {"w": jnp.array(0.0), "b": jnp.array(0.0)}
+            state = tx.init(params)
+
+
+            @jax.jit
+            def sgd_step(params, state, xb, yb):
+                loss, grads = jax.value_and_grad(mse)(params, xb, yb)
+                updates, state = tx.update(grads, state, params)
+                return jopt.apply_updates(params, updates), state, loss
+
+
+            sgd_losses = []
+            for epoch in range(EPOCHS):
+                order = rng.permutation(NUM_POINTS)
+                for start in range(0, NUM_POINTS, BATCH):
+                    batch = order[start:start + BATCH]
+                    params, state, loss = sgd_step(params, state, x[batch], y[batch])
+                    sgd_losses.append(float(loss))
+            sgd_params = params
+            print(f"SGD: w = {float(sgd_params['w']):.4f}, b = {float(sgd_params['b']):.4f} "
+                  f"after {len(sgd_losses)} minibatch steps")
+        '''),
+        code('''
+            fig, (ax_fit, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+            ax_fit.scatter(x, y, s=8, alpha=0.4, color="gray", label="data")
+            grid = np.linspace(-1, 1, 2)
+            ax_fit.plot(grid, 3.0 * grid, "k--", label="true line, slope 3")
+            for name, p, style in [("GD", gd_params, "C0-"), ("SGD", sgd_params, "C1-")]:
+                w, b = float(p["w"]), float(p["b"])
+                ax_fit.plot(grid, w * grid + b, style, label=f"{name} fit, slope {w:.3f}")
+            ax_fit.set(xlabel="x", ylabel="y", title="Data and fitted lines")
+            ax_fit.legend()
+            ax_loss.plot(np.arange(1, len(sgd_losses) + 1) / (NUM_POINTS // BATCH), sgd_losses,
+                         "C1-", alpha=0.6, label="SGD (minibatch loss)")
+            ax_loss.plot(np.arange(1, len(gd_losses) + 1), gd_losses, "C0-", label="GD (full loss)")
+            ax_loss.axhline(float(mse({"w": w_ls, "b": b_ls}, x, y)), color="k", ls=":",
+                            label="least-squares loss")
+            ax_loss.set(xlabel="GD step / SGD epoch", ylabel="MSE", yscale="log", title="Loss")
+            ax_loss.legend()
+            plt.show()
+
+            # Check: both recover the least-squares slope (itself close to the true 3).
+            assert abs(float(gd_params["w"]) - w_ls) < 1e-3
+            assert abs(float(sgd_params["w"]) - w_ls) < 0.15
+            assert abs(w_ls - 3.0) < 0.2
+        '''),
+        md(r'''
+            ## 2. The classic algorithms
+
+            With gradient $g_t = \nabla J(\theta_t)$ and learning rate $\alpha$ (all states start
+            at zero; $\odot$, squares and square roots are elementwise):
+
+            | method | update rule | jopt |
+            | --- | --- | --- |
+            | GD / SGD | $\theta \leftarrow \theta - \alpha g$ | `jopt.gd(α)`, `jopt.sgd(α)` |
+            | heavy-ball momentum (Polyak 1964) | $v \leftarrow \beta v + g,\;\; \theta \leftarrow \theta - \alpha v$ | `jopt.momentum(α, β)` |
+            | momentum, EMA form | $v \leftarrow \beta v + (1-\beta) g,\;\; \theta \leftarrow \theta - \alpha v$ | `jopt.momentum(α, β, dampening=β)` |
+            | Nesterov (Sutskever et al. 2013) | $v \leftarrow \beta v + g,\;\; \theta \leftarrow \theta - \alpha (g + \beta v)$ | `jopt.nesterov(α, β)` |
+            | AdaGrad (Duchi et al. 2011) | $G \leftarrow G + g^2,\;\; \theta \leftarrow \theta - \alpha\, g / \sqrt{G + \epsilon}$ | `jopt.adagrad(α)` |
+            | RMSprop (Tieleman & Hinton 2012) | $\nu \leftarrow \rho \nu + (1-\rho) g^2,\;\; \theta \leftarrow \theta - \alpha\, g / \sqrt{\nu + \epsilon}$ | `jopt.rmsprop(α, ρ)` |
+            | Adam (Kingma & Ba 2015) | $m \leftarrow \beta_1 m + (1-\beta_1) g,\;\; s \leftarrow \beta_2 s + (1-\beta_2) g^2,$ <br> $\theta \leftarrow \theta - \alpha\, \hat m / (\sqrt{\hat s} + \epsilon),\;\; \hat m = \frac{m}{1-\beta_1^t},\; \hat s = \frac{s}{1-\beta_2^t}$ | `jopt.adam(α, β1, β2)` |
+
+            Heavy-ball momentum is also written $\theta_{t+1} = \theta_t - \alpha g_t + \beta(\theta_t - \theta_{t-1})$.
+            The EMA form is the same method with the learning rate scaled by $1-\beta$: the runs
+            below check that. AdaGrad, RMSprop and Adam divide each coordinate by a running size of
+            its own gradients, so steep and flat directions move at similar speeds.
+
+            The race runs every optimizer for a fixed number of steps inside one `jax.lax.scan`
+            (one compiled loop, no Python per step). "SGD" on these deterministic functions is GD
+            with Gaussian noise added to each gradient - the perturbation a minibatch estimate
+            brings.
+        '''),
+        code('''
+            def run(tx, fn, x0, steps, *, noise=0.0, seed=0):
+                """Optimises fn from x0 with tx; returns the iterates, x0 first."""
+                grad_fn = jax.grad(fn)
+
+                @jax.jit
+                def trajectory(x0, key):
+                    def step(carry, key):
+                        x, state = carry
+                        g = grad_fn(x) + noise * jax.random.normal(key, x.shape)
+                        updates, state = tx.update(g, state, x)
+                        x = jopt.apply_updates(x, updates)
+                        return (x, state), x
+
+                    keys = jax.random.split(key, steps)
+                    _, xs = jax.lax.scan(step, (x0, tx.init(x0)), keys)
+                    return jnp.concatenate([x0[None], xs])
+
+                return np.asarray(trajectory(jnp.asarray(x0, jnp.float32), jax.random.key(seed)))
+
+
+            def race(optimizers, fn, x0, steps, noisy=None):
+                """Runs every optimizer from x0; noisy maps a name to its gradient-noise scale."""
+                noisy = noisy or {}
+                return {name: run(tx, fn, x0, steps, noise=noisy.get(name, 0.0))
+                        for name, tx in optimizers.items()}
+
+
+            def plot_race(fn, paths, box, title, minimum, levels):
+                """Contours with each optimizer's path (a dot every 1/15 of the run), and loss."""
+                fig, (ax_c, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
+                (x_lo, x_hi), (y_lo, y_hi) = box
+                gx, gy = np.meshgrid(np.linspace(x_lo, x_hi, GRID), np.linspace(y_lo, y_hi, GRID))
+                gz = np.asarray(jax.vmap(fn)(jnp.stack([gx.ravel(), gy.ravel()], 1))).reshape(gx.shape)
+                ax_c.contour(gx, gy, gz, levels=levels, colors="0.75", linewidths=0.6)
+                for i, (name, xs) in enumerate(paths.items()):
+                    style = "--" if "EMA" in name else "-"
+                    ax_c.plot(xs[:, 0], xs[:, 1], style, color=f"C{i}", lw=1.2, label=name)
+                    every = max(1, len(xs) // 15)
+                    ax_c.plot(xs[::every, 0], xs[::every, 1], ".", color=f"C{i}", ms=6)
+                    losses = np.asarray(jax.vmap(fn)(jnp.asarray(xs)))
+                    ax_l.plot(losses, style, color=f"C{i}", label=name)
+                ax_c.plot(*next(iter(paths.values()))[0], "ko")
+                ax_c.plot(*minimum, "r*", ms=14)
+                ax_c.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), title=f"{title}: paths")
+                # float32 resolves f down to about 1e-14 near a minimum at 0: no point below.
+                ax_l.set(xlabel="step", ylabel="f", yscale="log", ylim=(1e-14, None),
+                         title=f"{title}: loss")
+                ax_l.legend(fontsize=8)
+                plt.show()
+
+
+            def table(fn, paths, target):
+                print(f"{'optimizer':24s} {'final f':>10s} {'first step with f < ' + str(target):>24s}")
+                for name, xs in paths.items():
+                    losses = np.asarray(jax.vmap(fn)(jnp.asarray(xs)))
+                    hit = np.flatnonzero(losses < target)
+                    print(f"{name:24s} {losses[-1]:10.2e} {hit[0] if hit.size else '-':>24}")
+        '''),
+        md(r'''
+            ### Rosenbrock's banana valley
+
+            $f(x, y) = (1 - x)^2 + 100\,(y - x^2)^2$, minimum $f(1, 1) = 0$ at the end of a long,
+            curved, flat-bottomed valley with steep walls: a step size safe for the walls is tiny
+            along the valley floor. Learning rates were picked per optimizer as roughly the largest
+            that stays stable from the start $(-1.5, 2)$.
+        '''),
+        code('''
+            def rosenbrock(p):
+                return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+
+            rosenbrock_optimizers = {
+                "GD": jopt.gd(1e-3),
+                "SGD (noisy gradients)": jopt.sgd(1e-3),
+                "momentum (heavy ball)": jopt.momentum(2e-4, 0.9),
+                "momentum (EMA)": jopt.momentum(2e-3, 0.9, dampening=0.9),
+                "Nesterov": jopt.nesterov(2e-4, 0.9),
+                "AdaGrad": jopt.adagrad(0.5),
+                "RMSprop": jopt.rmsprop(3e-3),
+                "Adam": jopt.adam(5e-2),
+            }
+            rosenbrock_paths = race(rosenbrock_optimizers, rosenbrock, [-1.5, 2.0], RACE_STEPS,
+                                    noisy={"SGD (noisy gradients)": 5.0})
+            plot_race(rosenbrock, rosenbrock_paths, ((-2, 2), (-1, 3)), "Rosenbrock", (1, 1),
+                      levels=np.logspace(-1, 3.5, 20))
+            table(rosenbrock, rosenbrock_paths, 1e-2)
+        '''),
+        code('''
+            # Check: the EMA form is heavy-ball momentum with alpha scaled by (1 - beta) ...
+            np.testing.assert_allclose(rosenbrock_paths["momentum (EMA)"],
+                                       rosenbrock_paths["momentum (heavy ball)"], atol=1e-3)
+            # ... and Adam gets to the minimum first.
+            final = {name: rosenbrock(xs[-1]) for name, xs in rosenbrock_paths.items()}
+            assert final["Adam"] < 1e-3
+            assert final["Adam"] == min(final.values())
+        '''),
+        md(r'''
+            ### An ill-conditioned quadratic
+
+            $f(x, y) = \tfrac12 (x^2 + \kappa y^2)$ with condition number $\kappa = 50$. Gradient
+            descent must keep $\alpha < 2/L = 2/\kappa$ to stay stable in the steep direction,
+            and then crawls in the flat one at rate $1 - \alpha$ per step. Momentum fixes the
+            crawl: here it uses Polyak's optimal setting for a quadratic,
+            $\alpha = 4/(\sqrt L + \sqrt\mu)^2$, $\beta = \big(\tfrac{\sqrt\kappa - 1}{\sqrt\kappa + 1}\big)^2$,
+            and Nesterov its textbook $\alpha = 1/L$, $\beta = \tfrac{\sqrt\kappa - 1}{\sqrt\kappa + 1}$.
+            The valley is aligned with the axes, which is the case per-coordinate scaling
+            (AdaGrad, RMSprop, Adam) handles best; rotate it and their edge shrinks. Watch
+            RMSprop: its steps have size about $\alpha$ whatever the gradient, so with a constant
+            rate it ends up hovering around the minimum - a first case for decay (part 3).
+        '''),
+        code('''
+            KAPPA = 50.0
+
+
+            def quadratic(p):
+                return 0.5 * (p[0] ** 2 + KAPPA * p[1] ** 2)
+
+
+            sqrt_kappa = np.sqrt(KAPPA)
+            polyak_lr = 4.0 / (sqrt_kappa + 1.0) ** 2
+            polyak_beta = ((sqrt_kappa - 1.0) / (sqrt_kappa + 1.0)) ** 2
+            quadratic_optimizers = {
+                "GD": jopt.gd(1.9 / KAPPA),
+                "SGD (noisy gradients)": jopt.sgd(1.9 / KAPPA),
+                "momentum (heavy ball)": jopt.momentum(polyak_lr, polyak_beta),
+                "momentum (EMA)": jopt.momentum(polyak_lr / (1 - polyak_beta), polyak_beta,
+                                                dampening=polyak_beta),
+                "Nesterov": jopt.nesterov(1.0 / KAPPA, (sqrt_kappa - 1) / (sqrt_kappa + 1)),
+                "AdaGrad": jopt.adagrad(1.0),
+                "RMSprop": jopt.rmsprop(0.05),
+                "Adam": jopt.adam(0.1),
+            }
+            quadratic_paths = race(quadratic_optimizers, quadratic, [-4.0, 1.0], 300,
+                                   noisy={"SGD (noisy gradients)": 0.5})
+            plot_race(quadratic, quadratic_paths, ((-4.5, 1.5), (-1.5, 1.5)), "Quadratic, κ = 50", (0, 0),
+                      levels=np.logspace(-2, 1.7, 15))
+            table(quadratic, quadratic_paths, 1e-6)
+        '''),
+        code('''
+            def steps_to(fn, xs, target):
+                losses = np.asarray(jax.vmap(fn)(jnp.asarray(xs)))
+                hit = np.flatnonzero(losses < target)
+                return hit[0] if hit.size else np.inf
+
+
+            # Check: momentum (both forms) and Nesterov need far fewer steps than GD here.
+            gd_steps = steps_to(quadratic, quadratic_paths["GD"], 1e-6)
+            for name in ("momentum (heavy ball)", "momentum (EMA)", "Nesterov"):
+                assert 2 * steps_to(quadratic, quadratic_paths[name], 1e-6) < gd_steps, name
+        '''),
+        md(r'''
+            ## 3. Learning-rate decay matters
+
+            With a constant learning rate, SGD does not converge: near the minimum the gradient
+            noise keeps kicking the iterate around a ball whose size grows with $\alpha$. Robbins
+            and Monro's conditions, $\sum_t \alpha_t = \infty$ and $\sum_t \alpha_t^2 < \infty$,
+            are met by decaying rates such as $\alpha_t = \alpha_0 / (1 + kt)$
+            (`jopt.schedules.inverse_time_decay`); an exponential decay over the run
+            (`jopt.schedules.exponential_decay`) is the common practical choice. A schedule is a
+            function `step -> α`, accepted wherever a learning rate is.
+
+            Below: minibatch SGD on the linear regression of part 1 with a large rate and batches of 8.
+        '''),
+        code('''
+            def sgd_path(learning_rate, epochs, batch=8, seed=SEED):
+                """Parameter (w, b) after every minibatch step of SGD on the regression data."""
+                tx = jopt.sgd(learning_rate)
+                order = np.concatenate([np.random.default_rng(seed + e).permutation(NUM_POINTS)
+                                        for e in range(epochs)]).reshape(-1, batch)
+                xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+                @jax.jit
+                def path(theta, order):
+                    def step(carry, idx):
+                        theta, state = carry
+                        grads = jax.grad(lambda t: jnp.mean((t[0] * xj[idx] + t[1] - yj[idx]) ** 2))(theta)
+                        updates, state = tx.update(grads, state, theta)
+                        theta = jopt.apply_updates(theta, updates)
+                        return (theta, state), theta
+
+                    return jax.lax.scan(step, (theta, tx.init(theta)), order)[1]
+
+                return np.asarray(path(jnp.zeros(2), jnp.asarray(order)))
+
+
+            steps = EPOCHS * NUM_POINTS // 8
+            schedules = {
+                "constant α = 0.3": 0.3,
+                "exponential decay 0.3 → 0.003": jopt.schedules.exponential_decay(0.3, steps, 0.01),
+                "inverse time 0.3 / (1 + 0.05 t)": jopt.schedules.inverse_time_decay(0.3, 0.05),
+            }
+            decay_paths = {name: sgd_path(lr, EPOCHS) for name, lr in schedules.items()}
+
+            fig, ax = plt.subplots(figsize=(9, 4))
+            for name, thetas in decay_paths.items():
+                ax.plot(thetas[:, 0], lw=0.8, label=name)
+            ax.axhline(w_ls, color="k", ls=":", label="least-squares slope")
+            ax.set(xlabel="minibatch step", ylabel="slope w", ylim=(w_ls - 0.5, w_ls + 0.5),
+                   title="SGD with a constant rate keeps oscillating; a decayed rate settles")
+            ax.legend()
+            plt.show()
+
+            tail = slice(-steps // 5, None)
+            spread = {name: np.abs(t[tail, 0] - w_ls).mean() for name, t in decay_paths.items()}
+            for name, s in spread.items():
+                print(f"{name:34s} mean |w - w_ls| over the last 20% of steps: {s:.4f}")
+            # Check: decay brings SGD at least 5x closer to the least-squares solution.
+            assert spread["exponential decay 0.3 → 0.003"] * 5 < spread["constant α = 0.3"]
+            assert spread["inverse time 0.3 / (1 + 0.05 t)"] * 5 < spread["constant α = 0.3"]
+        '''),
+        md(r'''
+            ## 4. Gradient clipping matters
+
+            Far from the minimum Rosenbrock's gradient is huge (about 4000 at $(-2, -1)$): one
+            step of SGD with momentum at $\alpha = 10^{-3}$ jumps to the other wall, the next
+            gradient is larger still, and the iterates blow up to `nan`. Clipping by global norm,
+
+            $$g \leftarrow g \cdot \min\!\Big(1, \frac{c}{\lVert g \rVert_2}\Big),$$
+
+            bounds every step by $\alpha c$ while keeping its direction; it is a transformation of
+            its own, chained in front of the optimizer:
+            `jopt.chain(jopt.clip_by_global_norm(c), jopt.sgd(...))`. The same protects neural
+            networks from the occasional exploding gradient.
+        '''),
+        code('''
+            start = [-2.0, -1.0]
+            clip_paths = {
+                "SGD + momentum": run(jopt.sgd(1e-3, momentum=0.9), rosenbrock, start, 2000),
+                "clip_by_global_norm(10) → SGD + momentum": run(
+                    jopt.chain(jopt.clip_by_global_norm(10.0), jopt.sgd(1e-3, momentum=0.9)),
+                    rosenbrock, start, 2000),
+            }
+            for name, xs in clip_paths.items():
+                finite = np.isfinite(xs).all(axis=1)
+                last = xs[finite][-1]
+                print(f"{name:42s} finite for {finite.sum():5d} of {len(xs)} iterates; "
+                      f"last finite point ({last[0]:.3g}, {last[1]:.3g})")
+
+            fig, ax = plt.subplots(figsize=(7, 5))
+            gx, gy = np.meshgrid(np.linspace(-2.5, 2.5, GRID), np.linspace(-1.5, 4.5, GRID))
+            gz = (1 - gx) ** 2 + 100 * (gy - gx ** 2) ** 2
+            ax.contour(gx, gy, gz, levels=np.logspace(-1, 3.5, 20), colors="0.75", linewidths=0.6)
+            for i, (name, xs) in enumerate(clip_paths.items()):
+                xs = xs[np.isfinite(xs).all(axis=1)][:50 if i == 0 else None]
+                ax.plot(xs[:, 0], xs[:, 1], ".-" if i == 0 else "-", color=f"C{3 - 2 * i}", lw=1, label=name)
+            ax.plot(*start, "ko"); ax.plot(1, 1, "r*", ms=14)
+            ax.set(xlim=(-2.5, 2.5), ylim=(-1.5, 4.5), title="Without clipping the first steps explode")
+            ax.legend(loc="upper center")
+            plt.show()
+
+            # Check: unclipped SGD diverges, clipped SGD reaches the minimum.
+            assert not np.isfinite(clip_paths["SGD + momentum"][-1]).all()
+            np.testing.assert_allclose(clip_paths["clip_by_global_norm(10) → SGD + momentum"][-1],
+                                       [1.0, 1.0], atol=1e-2)
+        '''),
+        md(r'''
+            ## Takeaways
+
+            * GD and SGD use the same update; SGD trades an exact gradient for a cheap, noisy one
+              and needs a **decaying learning rate** to settle.
+            * **Momentum** (either form - they differ only by a rescaled $\alpha$) and **Nesterov**
+              turn GD's crawl along flat directions into fast progress on ill-conditioned problems.
+            * **AdaGrad, RMSprop and Adam** rescale each coordinate by its gradient history; Adam
+              adds momentum and bias correction and is the robust default.
+            * **Clipping** is a separate transformation chained in front of any optimizer.
+
+            Next: [02_mnist_mlp.ipynb](02_mnist_mlp.ipynb) trains a real network with the same
+            optimizers.
+        '''),
+    ]
+
+
+NOTEBOOKS = {
+    "01_optimizers": (notebook_01, {}),
+}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    """Returns notebook ``name`` as an nbformat node (no outputs, stable cell ids)."""
+    cells_fn, extra_metadata = NOTEBOOKS[name]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells_fn()
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"
+    nb.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "colab": {"provenance": []},
+        **extra_metadata,
+    }
+    nbformat.validate(nb)
+    return nb
+
+
+def _serialise(nb: nbformat.NotebookNode) -> str:
+    return nbformat.writes(nb) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a stored notebook differs from its generated form")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path = HERE / f"{name}.ipynb"
+        text = _serialise(build(name))
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print(f"stale notebooks: {', '.join(stale)}; run python notebooks/_build.py",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
