@@ -1,0 +1,104 @@
+"""Models: the Flax networks jopt's training loop trains (an MLP and a small CNN).
+
+Both are Flax **Linen** modules. Linen keeps a model's description apart from its
+parameters, so ``model.apply(params, images)`` is a pure function of a plain
+parameter pytree - exactly what the training loop needs: the parameters are the
+carry of a ``lax.scan``, they are packed into :class:`jopt.flat.FlatParams` and
+unpacked inside the step, and they are what checkpoints store. Flax NNX would hold
+the parameters inside mutable module objects and need ``nnx.split``/``nnx.merge``
+around every step to get the same pure function.
+
+Inputs are images ``[batch, height, width]`` (or ``[batch, height, width,
+channels]``) already scaled to floats; the training loop keeps them ``uint8`` on the
+device and scales them inside its step. ``dtype`` is the computation dtype (``None``:
+the parameters' dtype): with ``dtype=jnp.bfloat16`` the float32 parameters and the
+inputs are cast to bfloat16 inside each layer (mixed precision), and the gradients
+still arrive in float32.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jopt.models import MLP
+  >>> model = MLP(hidden_sizes=(64, 64), num_classes=10)
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28)))
+  >>> model.apply(params, jnp.zeros((5, 28, 28))).shape
+  (5, 10)
+  >>> sum(x.size for x in jax.tree.leaves(params))  # 784*64+64 + 64*64+64 + 64*10+10
+  55050
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["CNN", "MLP", "num_params"]
+
+
+class MLP(nn.Module):
+    """A multi-layer perceptron: flatten, ``Dense -> relu`` per hidden size, ``Dense``.
+
+    With the defaults this is the Keras-tutorial model 784-64(relu)-64(relu)-10.
+
+    Attributes:
+      hidden_sizes: width of each hidden layer.
+      num_classes: number of output logits.
+      dtype: computation dtype (``None``: the parameters' dtype).
+      param_dtype: dtype the parameters are created in.
+    """
+
+    hidden_sizes: Sequence[int] = (64, 64)
+    num_classes: int = 10
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        x = images.reshape((images.shape[0], -1))
+        for i, size in enumerate(self.hidden_sizes):
+            x = nn.Dense(size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=f"hidden_{i}")(x)
+            x = nn.relu(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="logits")(x)
+
+
+class CNN(nn.Module):
+    """A small convolutional network: ``(Conv 3x3 -> relu -> avg-pool 2x2)`` per
+    entry of ``conv_features``, then an :class:`MLP` head on the flattened maps.
+
+    With the defaults it is the Flax MNIST example's CNN (32 and 64 channels, a
+    256-unit hidden layer).
+
+    Attributes:
+      conv_features: channels of each convolution.
+      hidden_sizes: hidden layers of the dense head.
+      num_classes: number of output logits.
+      dtype: computation dtype (``None``: the parameters' dtype).
+      param_dtype: dtype the parameters are created in.
+    """
+
+    conv_features: Sequence[int] = (32, 64)
+    hidden_sizes: Sequence[int] = (256,)
+    num_classes: int = 10
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        x = images if images.ndim == 4 else images[..., None]
+        for i, features in enumerate(self.conv_features):
+            x = nn.Conv(features, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=f"conv_{i}")(x)
+            x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        head = MLP(tuple(self.hidden_sizes), self.num_classes, self.dtype,
+                   self.param_dtype, name="head")
+        return head(x)
+
+
+def num_params(params: Any) -> int:
+    """Number of parameters (array elements) in a parameter pytree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))
