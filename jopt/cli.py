@@ -1,0 +1,206 @@
+"""The ``jopt`` command line: ``jopt train`` over :mod:`jopt.train`.
+
+A thin layer, as in the Flax examples: it loads a config file, applies
+``--config.<key>=<value>`` overrides, and calls :func:`jopt.train.train_and_evaluate`.
+Run ``jopt --help`` or ``jopt train --help`` for the usage.
+
+Config files are Python files with a ``get_config()`` function returning an
+``ml_collections.ConfigDict`` (see ``configs/``). They are loaded by path with
+:func:`load_config`, which is also how a variant config starts from the default
+one wherever it is run from::
+
+    from pathlib import Path
+    from jopt.cli import load_config
+
+    def get_config():
+        config = load_config(Path(__file__).with_name("default.py"))
+        config.dataset = "fashion_mnist"
+        return config
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+__all__ = ["ConfigOverrideError", "apply_overrides", "load_config", "main"]
+
+_DESCRIPTION = """\
+jopt: train and evaluate Flax models with jopt optimizers.
+
+commands:
+  train   train a model from a config file
+
+examples:
+  jopt train --config configs/default.py --workdir runs/mnist
+  jopt train --config configs/fashion_mnist_mlp.py --workdir runs/fmnist \\
+      --config.optimizer.learning_rate=3e-4 --config.num_epochs=10
+"""
+
+_TRAIN_EPILOG = """\
+config overrides:
+  Any config key can be set on the command line, after the options above:
+    --config.num_epochs=10
+    --config.optimizer.name=adamw --config.optimizer.weight_decay=1e-4
+    --config.optimizer.schedule.name=warmup_cosine
+    --config.model.hidden_sizes=128,128
+    --config.optimizer.state_storage=int8 --config.compute_dtype=bfloat16
+  Values are parsed as the key's type (int, float, bool: true/false, str, tuple).
+  An unknown key or a value of the wrong type is an error that names the key.
+
+outputs in WORKDIR:
+  metrics.jsonl   one JSON record per epoch (losses, accuracies, epoch time)
+  curves.png      loss and accuracy per epoch
+"""
+
+
+class ConfigOverrideError(ValueError):
+    """A ``--config.<key>=<value>`` override names no key, or has a bad value."""
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from a Python file and applies command-line overrides.
+
+    Args:
+      path: the config file.
+      overrides: strings ``"--config.a.b=value"`` (or ``"a.b=value"``).
+
+    Returns:
+      The locked config.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file has no ``get_config()``, or it does not return a ConfigDict.
+      ConfigOverrideError: an override names no key or has a value of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist; see the configs/ directory.")
+    module_name = f"_jopt_config_{path.stem}_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"Config file {path} must define get_config() returning a ConfigDict.")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict.")
+    config.lock()
+    apply_overrides(config, overrides)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Sets ``--config.a.b=value`` overrides in place, type-checked against the config.
+
+    Raises:
+      ConfigOverrideError: naming the key (and the keys that exist there) or the type.
+    """
+    for override in overrides:
+        text = override.removeprefix("--").removeprefix("config.")
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            raise ConfigOverrideError(
+                f"Cannot read the override {override!r}; write it as --config.KEY=VALUE."
+            )
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                _unknown_key("config." + ".".join(parents[: depth + 1]), node)
+            node = child
+        if leaf not in node:
+            _unknown_key(f"config.{key}", node)
+        value = _parse_value(f"config.{key}", raw, node.get_type(leaf))
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigOverrideError(
+                f"config.{key}={raw!r} has the wrong type: {e}") from None
+
+
+def _unknown_key(key: str, node: ml_collections.ConfigDict) -> None:
+    raise ConfigOverrideError(
+        f"Unknown config key {key}; the keys there are: {', '.join(sorted(node.keys()))}."
+    )
+
+
+def _parse_value(key: str, raw: str, kind: type) -> Any:
+    if kind is str:
+        return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigOverrideError(f"{key} is a bool; write true or false, not {raw!r}.")
+    if raw.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigOverrideError(
+            f"{key} expects a {kind.__name__}, and {raw!r} is not one.") from None
+    if kind is tuple and not isinstance(value, (tuple, list)):
+        value = (value,)
+    if kind is tuple:
+        value = tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigOverrideError(
+            f"{key} expects a {kind.__name__}, got {raw!r} ({type(value).__name__}).")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jopt", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train = commands.add_parser(
+        "train", help="train a model from a config file",
+        description="Train a model from a config file, evaluating on the test set after "
+                    "every epoch.",
+        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
+    train.add_argument("--config", required=True, metavar="FILE",
+                       help="Python file with get_config(), e.g. configs/default.py")
+    train.add_argument("--workdir", required=True, metavar="DIR",
+                       help="output directory (metrics, curves, checkpoints)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jopt`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+
+    from jopt import train  # Imports jax: keep --help fast.
+
+    try:
+        config = load_config(args.config, overrides)
+        train.train_and_evaluate(config, args.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,604 @@
+"""Training loop: trains a Flax model with a jopt optimizer from an ml_collections config.
+
+``train_and_evaluate(config, workdir)`` is the whole job (the Flax examples' shape);
+the pieces it is made of are small public functions so that other loops
+(data-parallel, pruning, notebooks) can reuse or replace one of them:
+
+=====================  ===============================================================
+``create_model``       the Flax Linen model named by ``config.model``
+``create_optimizer``   the jopt optimizer named by ``config.optimizer`` (+ schedule, clip)
+``make_apply_fn``      ``(params, uint8 images) -> float32 logits``: normalises on device,
+                       unpacks flat params, runs in ``config.compute_dtype``
+``make_loss_fn``       mean softmax cross-entropy (optax's) and the logits
+``make_train_step``    one optimizer step on one batch
+``build_epoch_fn``     the jitted ``lax.scan`` of train steps over an epoch (or chunk)
+``build_eval_fn``      the jitted, batched test-set evaluation
+``shuffle_batches``    the epoch's batch indices, a permutation keyed by seed and epoch
+=====================  ===============================================================
+
+How an epoch runs. The uint8 images and int32 labels are put on the device once.
+Each epoch, ``shuffle_batches`` draws a permutation from
+``fold_in(key(seed), epoch)`` (so any epoch can be replayed alone, which is what
+makes resuming exact) and keeps ``num_train // batch_size`` full batches: the last
+partial batch is dropped. One jitted ``lax.scan`` then runs the steps, gathering
+each batch from the device-resident data and scaling it to floats inside the step;
+the training state is donated, so parameters and optimizer state are updated in
+place and Python does no per-step work. With ``config.flat_params`` (the default)
+the loss is differentiated with respect to :class:`jopt.flat.FlatParams`, so the
+gradient arrives as one buffer and the optimizer update is one fused kernel.
+``config.compute_dtype = "bfloat16"`` runs forward and backward passes in bfloat16
+while the parameters (and so the optimizer) stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jopt import data as data_lib
+from jopt import optimizers, schedules, storage
+from jopt.flat import FlatParams
+from jopt.models import CNN, MLP
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "MODELS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "ConfigError",
+    "EvalData",
+    "TrainResult",
+    "TrainState",
+    "build_epoch_fn",
+    "build_eval_fn",
+    "create_model",
+    "create_optimizer",
+    "create_schedule",
+    "epoch_key",
+    "init_train_state",
+    "make_apply_fn",
+    "make_loss_fn",
+    "make_train_step",
+    "prepare_eval_data",
+    "shuffle_batches",
+    "train_and_evaluate",
+    "validate_config",
+]
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": optimizers.sgd,
+    "momentum": optimizers.momentum,
+    "nesterov": optimizers.nesterov,
+    "adagrad": optimizers.adagrad,
+    "rmsprop": optimizers.rmsprop,
+    "adam": optimizers.adam,
+    "adamw": optimizers.adamw,
+    "nadam": optimizers.nadam,
+    "nadamw": optimizers.nadamw,
+}
+"""Optimizers ``config.optimizer.name`` may name."""
+
+MODELS = ("mlp", "cnn")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARALLEL_MODES = ("none",)
+
+# Keys of config.optimizer that are not optimizer keyword arguments.
+_OPTIMIZER_META_KEYS = ("name", "learning_rate", "schedule", "clip_global_norm", "state_storage")
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+LossFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key (``config.a.b``) and the fix."""
+
+
+class TrainState(NamedTuple):
+    """What one train step updates (a pytree: it is the ``lax.scan`` carry).
+
+    Attributes:
+      params: the parameters (float32 master copy), a pytree or a ``FlatParams``.
+      opt_state: the optimizer state.
+      step: number of steps taken, int32 scalar.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What ``train_and_evaluate`` returns.
+
+    Attributes:
+      params: the final parameters as the model's pytree (``model.apply(params, x)``).
+      metrics: the last epoch's record (same keys as a ``metrics.jsonl`` line).
+      history: every epoch's record, from epoch 1 (resumed epochs included).
+      state: the final ``TrainState`` (flat params, optimizer state, step).
+    """
+
+    params: Params
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    state: TrainState
+
+
+# --------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a config before any work is done.
+
+    Raises:
+      ConfigError: naming the offending key, its value and the valid choices.
+    """
+    _check_choice("config.dataset", config.dataset, sorted(data_lib.DATASETS))
+    _check_choice("config.model.name", config.model.name, MODELS)
+    _check_choice("config.compute_dtype", config.compute_dtype, sorted(COMPUTE_DTYPES))
+    _check_choice("config.parallel", config.parallel, PARALLEL_MODES)
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "checkpoint_keep"):
+        minimum = 0 if key == "num_epochs" else 1
+        if config[key] < minimum:
+            raise ConfigError(f"config.{key} must be >= {minimum}, got {config[key]}.")
+    if config.steps_per_chunk < 0:
+        raise ConfigError(
+            f"config.steps_per_chunk must be >= 0 (0: a whole epoch per scan), "
+            f"got {config.steps_per_chunk}."
+        )
+    for key in ("train_subset", "test_subset"):
+        if config[key] is not None and config[key] < 1:
+            raise ConfigError(f"config.{key} must be None (all) or >= 1, got {config[key]}.")
+    if any(size < 1 for size in config.model.hidden_sizes):
+        raise ConfigError(f"config.model.hidden_sizes must be positive, got "
+                          f"{tuple(config.model.hidden_sizes)}.")
+    create_optimizer(config, steps_per_epoch=1)  # checks every optimizer key
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int = 10) -> nn.Module:
+    """The Flax Linen model ``config.model`` describes, computing in ``config.compute_dtype``."""
+    _check_choice("config.model.name", config.model.name, MODELS)
+    _check_choice("config.compute_dtype", config.compute_dtype, sorted(COMPUTE_DTYPES))
+    # float32 leaves dtype=None: Flax then computes in the parameters' dtype.
+    dtype = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
+    hidden = tuple(int(size) for size in config.model.hidden_sizes)
+    if config.model.name == "mlp":
+        return MLP(hidden_sizes=hidden, num_classes=num_classes, dtype=dtype)
+    features = tuple(int(f) for f in config.model.conv_features)
+    return CNN(conv_features=features, hidden_sizes=hidden, num_classes=num_classes, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """The learning-rate schedule ``config.optimizer.schedule`` describes.
+
+    ``learning_rate`` is the constant value, or the peak of a (warmup-)cosine
+    schedule, or the initial value of an exponential decay. Epoch counts are
+    turned into steps with ``steps_per_epoch``.
+
+    Returns:
+      A float or an optax schedule (``step -> learning rate``).
+    """
+    opt = config.optimizer
+    schedule = opt.schedule
+    _check_choice("config.optimizer.schedule.name", schedule.name, SCHEDULES)
+    lr = opt.learning_rate
+    total_steps = max(1, config.num_epochs * steps_per_epoch)
+    if schedule.name == "constant":
+        return lr
+    if schedule.name in ("cosine", "warmup_cosine"):
+        warmup = 0.0 if schedule.name == "cosine" else schedule.warmup_epochs
+        warmup_steps = int(round(warmup * steps_per_epoch))
+        if not 0 <= warmup_steps < total_steps:
+            raise ConfigError(
+                f"config.optimizer.schedule.warmup_epochs={warmup} must be >= 0 and "
+                f"shorter than config.num_epochs={config.num_epochs}."
+            )
+        return schedules.warmup_cosine_decay_schedule(
+            init_value=schedule.init_value if warmup_steps else lr,
+            peak_value=lr,
+            warmup_steps=warmup_steps,
+            decay_steps=total_steps,
+            end_value=schedule.end_value,
+        )
+    if schedule.decay_epochs <= 0:
+        raise ConfigError(
+            f"config.optimizer.schedule.decay_epochs must be > 0, got {schedule.decay_epochs}."
+        )
+    if not 0 < schedule.decay_rate:
+        raise ConfigError(
+            f"config.optimizer.schedule.decay_rate must be > 0, got {schedule.decay_rate}."
+        )
+    return schedules.exponential_decay(
+        lr,
+        transition_steps=max(1, int(round(schedule.decay_epochs * steps_per_epoch))),
+        decay_rate=schedule.decay_rate,
+        staircase=schedule.staircase,
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The jopt optimizer ``config.optimizer`` describes.
+
+    ``name`` picks one of :data:`OPTIMIZERS`; its hyper-parameters are the keys of
+    ``config.optimizer`` that are set (not None) and are keyword arguments of that
+    optimizer; ``state_storage`` is passed through; ``clip_global_norm`` prepends
+    ``clip_by_global_norm``; ``schedule`` makes the learning rate a schedule.
+
+    Raises:
+      ConfigError: unknown optimizer, a hyper-parameter the optimizer does not take,
+        or a value out of range (the message names the ``config.optimizer`` key).
+    """
+    opt = config.optimizer
+    _check_choice("config.optimizer.name", opt.name, sorted(OPTIMIZERS))
+    factory = OPTIMIZERS[opt.name]
+    accepted = inspect.signature(factory).parameters
+    kwargs = {}
+    for key, value in opt.items():
+        if key in _OPTIMIZER_META_KEYS or value is None:
+            continue
+        if key not in accepted:
+            takes = [p for p in accepted if p not in ("learning_rate", "mask", "mu_dtype",
+                                                       "accumulator_dtype", "state_storage")]
+            raise ConfigError(
+                f"config.optimizer.{key}={value!r} is not a hyper-parameter of "
+                f"{opt.name!r} (it takes {takes}); unset it or pick another optimizer."
+            )
+        kwargs[key] = value
+    if opt.state_storage is not None:
+        try:
+            storage.resolve_storage(opt.state_storage)
+        except ValueError as e:
+            raise ConfigError(f"config.optimizer.state_storage: {e}") from None
+        kwargs["state_storage"] = opt.state_storage
+    learning_rate = create_schedule(config, steps_per_epoch)
+    try:
+        tx = factory(learning_rate, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.optimizer ({opt.name}): {e}") from None
+    if opt.clip_global_norm is not None:
+        if not opt.clip_global_norm > 0:
+            raise ConfigError(
+                f"config.optimizer.clip_global_norm must be > 0 (or None: no clipping), "
+                f"got {opt.clip_global_norm}."
+            )
+        tx = optax.chain(optax.clip_by_global_norm(opt.clip_global_norm), tx)
+    return tx
+
+
+# --------------------------------------------------------------------------- step
+
+
+def make_apply_fn(model: nn.Module, compute_dtype: Any = jnp.float32) -> ApplyFn:
+    """``apply(params, images) -> logits``: the model on raw uint8 images.
+
+    Images are scaled to ``[0, 1]`` in ``compute_dtype`` on the device; flat params
+    are unpacked (free slicing under ``jit``); logits come back in float32 so the
+    loss is computed in full precision whatever the compute dtype.
+    """
+
+    def apply(params, images):
+        if isinstance(params, FlatParams):
+            params = params.unpack()
+        x = images.astype(compute_dtype) * (1.0 / 255.0)
+        return model.apply(params, x).astype(jnp.float32)
+
+    return apply
+
+
+def make_loss_fn(apply_fn: ApplyFn) -> LossFn:
+    """``loss(params, images, labels) -> (mean cross-entropy, logits)``.
+
+    The loss is optax's ``softmax_cross_entropy_with_integer_labels`` averaged over
+    the batch.
+    """
+
+    def loss_fn(params, images, labels):
+        logits = apply_fn(params, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, logits
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+    """``step(state, images, labels) -> (state, (loss, num_correct))``: one update.
+
+    The gradient has the structure of ``state.params``: a ``FlatParams`` in flat
+    mode, so ``tx.update`` runs one fused kernel per buffer.
+    """
+
+    def train_step(state: TrainState, images, labels):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, images, labels
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+        return TrainState(params, opt_state, state.step + 1), (loss, correct)
+
+    return train_step
+
+
+def shuffle_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """Batch indices ``int32[num_examples // batch_size, batch_size]`` of a random permutation.
+
+    The last ``num_examples % batch_size`` examples of the permutation (a different
+    set each epoch) are dropped, so every step sees a full batch.
+    """
+    steps = num_examples // batch_size
+    permutation = jax.random.permutation(key, num_examples)
+    return permutation[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
+def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
+                   tx: optax.GradientTransformation):
+    """The jitted function that runs a chunk of an epoch (or all of it) as one scan.
+
+    Returns:
+      ``epoch_fn(state, images, labels, batch_indices) -> (state, metrics)``:
+      runs one train step per row of ``batch_indices`` (``int32[steps, batch]``),
+      gathering each batch from the device-resident ``images`` (uint8) and
+      ``labels``. ``state`` is donated. ``metrics`` holds ``loss_sum`` (sum of the
+      per-step mean losses) and ``num_correct`` over the chunk.
+    """
+    _check_choice("config.parallel", config.parallel, PARALLEL_MODES)
+    train_step = make_train_step(loss_fn, tx)
+
+    def epoch_fn(state, images, labels, batch_indices):
+        def body(carry, indices):
+            state, loss_sum, correct = carry
+            state, (loss, num_correct) = train_step(state, images[indices], labels[indices])
+            return (state, loss_sum + loss, correct + num_correct), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (state, loss_sum, correct), _ = jax.lax.scan(
+            body, (state, zero, jnp.zeros((), jnp.int32)), batch_indices
+        )
+        return state, {"loss_sum": loss_sum, "num_correct": correct}
+
+    return jax.jit(epoch_fn, donate_argnums=0)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+class EvalData(NamedTuple):
+    """A test set cut into equal batches on the device; padding has weight 0."""
+
+    images: jax.Array  # [num_batches, batch, ...], uint8
+    labels: jax.Array  # [num_batches, batch], int32
+    weights: jax.Array  # [num_batches, batch], float32: 1 for real examples, 0 for padding
+
+
+def prepare_eval_data(images: np.ndarray, labels: np.ndarray, batch_size: int) -> EvalData:
+    """Pads the test set to a multiple of ``batch_size`` and puts it on the device."""
+    num = len(images)
+    batch_size = max(1, min(batch_size, num))
+    num_batches = -(-num // batch_size)
+    padding = num_batches * batch_size - num
+    weights = np.concatenate([np.ones(num, np.float32), np.zeros(padding, np.float32)])
+    images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(padding, labels.dtype)])
+
+    def batched(x):
+        return jax.device_put(x.reshape(num_batches, batch_size, *x.shape[1:]))
+
+    return EvalData(batched(images), batched(labels), batched(weights))
+
+
+def build_eval_fn(apply_fn: ApplyFn):
+    """The jitted evaluation ``eval_fn(params, eval_data) -> {"loss", "accuracy"}``."""
+
+    def eval_fn(params, eval_data: EvalData):
+        def body(totals, batch):
+            images, labels, weights = batch
+            logits = apply_fn(params, images)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+            return (totals[0] + jnp.sum(losses * weights), totals[1] + jnp.sum(correct * weights)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), tuple(eval_data))
+        count = jnp.sum(eval_data.weights)
+        return {"loss": loss_sum / count, "accuracy": correct / count}
+
+    return jax.jit(eval_fn)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                     tx: optax.GradientTransformation, image_shape: Sequence[int]) -> TrainState:
+    """Initial parameters (from ``config.seed``), packed when ``config.flat_params``."""
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
+    if config.flat_params:
+        params = FlatParams.pack(params)
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    """The key that shuffles epoch ``epoch`` (1-based) of a run with seed ``seed``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+
+
+def _load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    dataset = data_lib.load(config.dataset, data_dir=config.data_dir)
+    return _subset(config, dataset)
+
+
+def _subset(config, dataset: data_lib.Dataset) -> data_lib.Dataset:
+    for key, split in (("train_subset", dataset.train_images), ("test_subset", dataset.test_images)):
+        if config[key] is not None and config[key] > len(split):
+            raise ConfigError(f"config.{key}={config[key]} but {dataset.name} has only "
+                              f"{len(split)} examples in that split.")
+    dataset = data_lib.subset(dataset, train=config.train_subset, test=config.test_subset)
+    if len(dataset.train_images) < config.batch_size:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the training set "
+            f"({len(dataset.train_images)} examples): lower it or raise config.train_subset."
+        )
+    return dataset
+
+
+def _chunks(steps: int, steps_per_chunk: int) -> list[slice]:
+    size = steps if steps_per_chunk in (0, None) else min(steps_per_chunk, steps)
+    return [slice(start, min(start + size, steps)) for start in range(0, steps, size)]
+
+
+def _format_record(record: dict[str, float], num_epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']:>{len(str(num_epochs))}}/{num_epochs}  "
+        f"train_loss {record['train_loss']:.4f}  train_acc {100 * record['train_accuracy']:.2f}%  "
+        f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_accuracy']:.2f}%  "
+        f"time {record['epoch_time_s']:.2f}s"
+    )
+
+
+def write_metrics(path: Path, history: Sequence[dict[str, float]]) -> None:
+    """Writes ``history`` as JSON lines, atomically (used when a run resumes)."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The records of a ``metrics.jsonl`` (empty if there is none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
+    """Saves loss and accuracy per epoch (train and test) as a PNG."""
+    from matplotlib.figure import Figure  # No pyplot: no global state, no GUI backend.
+
+    epochs = [r["epoch"] for r in history]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    for split, style in (("train", "o-"), ("test", "s--")):
+        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
+        acc_ax.plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], style, label=split)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.savefig(path, dpi=100)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       *, dataset: data_lib.Dataset | None = None) -> TrainResult:
+    """Trains ``config``'s model, evaluating on the test set after every epoch.
+
+    Writes ``workdir/metrics.jsonl`` (one JSON record per epoch: ``epoch``,
+    ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``,
+    ``epoch_time_s``, ``eval_time_s``, ``step``) and ``workdir/curves.png``.
+    ``epoch_time_s`` is the wall time of the epoch's training part; the first
+    epoch of a process includes compilation.
+
+    Args:
+      config: a config like ``configs/default.py``'s.
+      workdir: output directory (created if needed).
+      dataset: use this data set instead of loading ``config.dataset`` (the
+        ``train_subset``/``test_subset`` keys still apply).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ConfigError: an invalid config value (raised before any training).
+      jopt.data.DatasetNotFoundError: the data set is not available.
+    """
+    validate_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset = _load_dataset(config) if dataset is None else _subset(config, dataset)
+
+    num_train = len(dataset.train_images)
+    steps_per_epoch = num_train // config.batch_size
+    model = create_model(config, dataset.num_classes)
+    tx = create_optimizer(config, steps_per_epoch)
+    apply_fn = make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype])
+    epoch_fn = build_epoch_fn(config, make_loss_fn(apply_fn), tx)
+    eval_fn = build_eval_fn(apply_fn)
+    shuffle = jax.jit(shuffle_batches, static_argnums=(1, 2))
+
+    state = init_train_state(config, model, tx, dataset.train_images.shape[1:])
+    start_epoch, history = 0, []
+    metrics_path = workdir / "metrics.jsonl"
+    write_metrics(metrics_path, history)
+
+    train_images = jax.device_put(dataset.train_images)
+    train_labels = jax.device_put(dataset.train_labels)
+    eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
+                                  config.eval_batch_size)
+    chunks = _chunks(steps_per_epoch, config.steps_per_chunk)
+
+    epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train", unit="epoch",
+                  initial=start_epoch, total=config.num_epochs, file=sys.stderr, disable=None)
+    for epoch in epochs:
+        start = time.perf_counter()
+        batch_indices = shuffle(epoch_key(config.seed, epoch), num_train, config.batch_size)
+        loss_sum, num_correct = 0.0, 0
+        for chunk in tqdm(chunks, desc=f"epoch {epoch}", unit="chunk", leave=False,
+                          file=sys.stderr, disable=None if len(chunks) > 1 else True):
+            state, chunk_metrics = epoch_fn(state, train_images, train_labels,
+                                            batch_indices[chunk])
+            loss_sum += chunk_metrics["loss_sum"]
+            num_correct += chunk_metrics["num_correct"]
+        loss_sum, num_correct = jax.device_get((loss_sum, num_correct))
+        epoch_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        test = jax.device_get(eval_fn(state.params, eval_data))
+        record = {
+            "epoch": epoch,
+            "step": int(state.step),
+            "train_loss": float(loss_sum) / steps_per_epoch,
+            "train_accuracy": float(num_correct) / (steps_per_epoch * config.batch_size),
+            "test_loss": float(test["loss"]),
+            "test_accuracy": float(test["accuracy"]),
+            "epoch_time_s": epoch_time,
+            "eval_time_s": time.perf_counter() - start,
+        }
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(history, workdir / "curves.png")
+        epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
+
+    params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
+    return TrainResult(params, history[-1] if history else {}, history, state)

@@ -1,0 +1,171 @@
+"""Tests of jopt.train: the scan-fused loop, flat vs tree mode, determinism, outputs."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jopt import data, train
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "default.py"
+
+
+def _default_config():
+    from jopt.cli import load_config
+
+    return load_config(DEFAULT_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.subset(data.load("fashion_mnist", download=False), train=2048, test=500)
+
+
+def small_config(**overrides):
+    config = _default_config()
+    config.dataset = "fashion_mnist"
+    config.num_epochs = 1
+    config.batch_size = 64
+    config.eval_batch_size = 128
+    config.train_subset = 512
+    config.test_subset = 300
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def _flat_leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fashion):
+    """Three 2-epoch runs: flat mode twice (determinism) and tree mode."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for name, flat in (("flat", True), ("flat_again", True), ("tree", False)):
+        config = small_config(flat_params=flat, num_epochs=2)
+        results[name] = train.train_and_evaluate(config, root / name, dataset=fashion)
+    results["root"] = root
+    return results
+
+
+def test_flat_mode_matches_tree_mode(runs):
+    flat_state = runs["flat"].state
+    assert type(flat_state.params).__name__ == "FlatParams"
+    assert int(flat_state.step) == 2 * (512 // 64)
+    assert type(runs["tree"].state.params) is dict
+    for a, b in zip(_flat_leaves(runs["flat"].params), _flat_leaves(runs["tree"].params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert runs["flat"].metrics["test_accuracy"] == pytest.approx(
+        runs["tree"].metrics["test_accuracy"], abs=1e-3)
+
+
+def test_same_seed_same_run(runs):
+    first, second = runs["flat"], runs["flat_again"]
+    for a, b in zip(_flat_leaves(first.params), _flat_leaves(second.params)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]
+    assert first.history[-1]["test_accuracy"] > 0.6
+
+
+def test_seed_changes_initialisation_and_shuffling():
+    config, other = small_config(), small_config(seed=1)
+    model = train.create_model(config)
+    tx = train.create_optimizer(config, steps_per_epoch=8)
+    params = [train.init_train_state(c, model, tx, (28, 28)).params for c in (config, other)]
+    assert not np.array_equal(_flat_leaves(params[0])[0], _flat_leaves(params[1])[0])
+    batches = [np.asarray(train.shuffle_batches(train.epoch_key(seed, 1), 512, 64))
+               for seed in (0, 1)]
+    assert not np.array_equal(*batches)
+
+
+def test_metrics_file_and_curves(runs):
+    workdir = runs["root"] / "flat"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert records == runs["flat"].history
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shuffle_is_a_permutation_dropping_the_remainder():
+    indices = np.asarray(train.shuffle_batches(jax.random.key(0), 10, 3))
+    assert indices.shape == (3, 3)
+    assert len(set(indices.ravel())) == 9 and indices.max() < 10
+    again = np.asarray(train.shuffle_batches(jax.random.key(0), 10, 3))
+    np.testing.assert_array_equal(indices, again)
+
+
+def test_eval_handles_a_partial_last_batch():
+    images = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2)
+    labels = np.array([0, 1, 0, 1, 1], np.int32)
+    eval_data = train.prepare_eval_data(images, labels, batch_size=2)
+    assert eval_data.images.shape == (3, 2, 2, 2)
+    # A "model" predicting class 1 always: accuracy 3/5, loss log(2) for equal logits.
+    apply_fn = lambda params, x: jnp.tile(jnp.array([0.0, params]), (x.shape[0], 1))
+    result = train.build_eval_fn(apply_fn)(jnp.float32(1.0), eval_data)
+    assert float(result["accuracy"]) == pytest.approx(0.6)
+    result = train.build_eval_fn(apply_fn)(jnp.float32(0.0), eval_data)
+    assert float(result["loss"]) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_params(tmp_path, fashion):
+    config = small_config(compute_dtype="bfloat16", flat_params=False)
+    model = train.create_model(config)
+    assert model.dtype == jnp.bfloat16
+    result = train.train_and_evaluate(config, tmp_path, dataset=fashion)
+    assert {x.dtype for x in jax.tree.leaves(result.params)} == {jnp.dtype(jnp.float32)}
+    assert result.metrics["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optimizer.name": "adamx"}, "config.optimizer.name='adamx'"),
+        ({"optimizer.momentum": 0.9}, "config.optimizer.momentum=0.9 is not a hyper-parameter of 'adam'"),
+        ({"optimizer.b1": 1.5}, "b1 must be in [0, 1)"),
+        ({"optimizer.state_storage": "int4"}, "config.optimizer.state_storage"),
+        ({"optimizer.schedule.name": "linear"}, "config.optimizer.schedule.name='linear'"),
+        ({"optimizer.clip_global_norm": -1.0}, "config.optimizer.clip_global_norm must be > 0"),
+        ({"model.name": "resnet"}, "config.model.name='resnet'"),
+        ({"compute_dtype": "float16"}, "config.compute_dtype='float16'"),
+        ({"batch_size": 0}, "config.batch_size must be >= 1"),
+    ],
+)
+def test_bad_config_values_name_the_key(overrides, message):
+    config = small_config(**overrides)
+    with pytest.raises(train.ConfigError) as info:
+        train.validate_config(config)
+    assert message in str(info.value)
+
+
+def test_batch_larger_than_subset_is_a_config_error(tmp_path, fashion):
+    with pytest.raises(train.ConfigError, match="config.batch_size=1024 is larger"):
+        train.train_and_evaluate(small_config(batch_size=1024), tmp_path, dataset=fashion)
+
+
+def test_optimizer_families_and_schedules_build():
+    for name in train.OPTIMIZERS:
+        tx = train.create_optimizer(small_config(**{"optimizer.name": name}), steps_per_epoch=10)
+        state = tx.init({"w": jnp.zeros(3)})
+        updates, _ = tx.update({"w": jnp.ones(3)}, state, {"w": jnp.zeros(3)})
+        assert float(updates["w"][0]) < 0, name
+    config = small_config(**{"num_epochs": 4, "optimizer.schedule.name": "warmup_cosine",
+                             "optimizer.schedule.warmup_epochs": 1.0})
+    schedule = train.create_schedule(config, steps_per_epoch=10)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(40)) == pytest.approx(0.0, abs=1e-9)
+    config = small_config(**{"optimizer.schedule.name": "exponential",
+                             "optimizer.schedule.decay_rate": 0.5})
+    assert float(train.create_schedule(config, 10)(20)) == pytest.approx(2.5e-4)
