@@ -114,9 +114,16 @@ class StepReport:
                    if op.removesuffix("-start") in _COLLECTIVES)
 
     @property
+    def primitive_counts(self) -> dict[str, int]:
+        """Primitive name -> jaxpr equations using it, nested jaxprs (jit, scan) included."""
+        counts: Counter[str] = Counter()
+        _count_primitives(self.jaxpr.jaxpr, counts)
+        return dict(counts)
+
+    @property
     def num_jaxpr_eqns(self) -> int:
         """Equations in the jaxpr, those of nested jaxprs (jit, scan, cond) included."""
-        return _count_eqns(self.jaxpr.jaxpr)
+        return sum(self.primitive_counts.values())
 
     @property
     def arithmetic_intensity(self) -> float | None:
@@ -349,13 +356,11 @@ def _launched_op_counts(hlo_text: str) -> Counter[str]:
     return counts
 
 
-def _count_eqns(jaxpr: Any) -> int:
-    total = 0
+def _count_primitives(jaxpr: Any, counts: Counter[str]) -> None:
     for eqn in jaxpr.eqns:
-        total += 1
+        counts[eqn.primitive.name] += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += _count_eqns(sub)
-    return total
+            _count_primitives(sub, counts)
 
 
 def _si(value: float | None, unit: str = "") -> str:

@@ -103,7 +103,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
         '''),
         install_cell(),
         parameters_cell(),
-        code('''
+        code(r'''
             import jax
             import jax.numpy as jnp
             import matplotlib.pyplot as plt
@@ -132,7 +132,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             $\alpha$: $\;\theta \leftarrow \theta - \alpha \nabla J(\theta)$. `jax.grad` computes
             $\nabla J$ for us; `jopt.gd(alpha)` is the update rule.
         '''),
-        code('''
+        code(r'''
             rng = np.random.default_rng(SEED)
             x = rng.uniform(-1.0, 1.0, NUM_POINTS).astype(np.float32)
             y = (3.0 * x + 0.5 * rng.normal(size=NUM_POINTS)).astype(np.float32)
@@ -172,7 +172,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             estimate that costs $|B|/N$ of a full gradient. One *epoch* is one pass over the
             shuffled data. The update rule is the same (`jopt.sgd`); only the gradient changes.
         '''),
-        code('''
+        code(r'''
             BATCH = 16
             tx = jopt.sgd(learning_rate=0.1)
             params = {"w": jnp.array(0.0), "b": jnp.array(0.0)}
@@ -197,7 +197,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             print(f"SGD: w = {float(sgd_params['w']):.4f}, b = {float(sgd_params['b']):.4f} "
                   f"after {len(sgd_losses)} minibatch steps")
         '''),
-        code('''
+        code(r'''
             fig, (ax_fit, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
             ax_fit.scatter(x, y, s=8, alpha=0.4, color="gray", label="data")
             grid = np.linspace(-1, 1, 2)
@@ -247,7 +247,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             with Gaussian noise added to each gradient - the perturbation a minibatch estimate
             brings.
         '''),
-        code('''
+        code(r'''
             def run(tx, fn, x0, steps, *, noise=0.0, seed=0):
                 """Optimises fn from x0 with tx; returns the iterates, x0 first."""
                 grad_fn = jax.grad(fn)
@@ -314,7 +314,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             along the valley floor. Learning rates were picked per optimizer as roughly the largest
             that stays stable from the start $(-1.5, 2)$.
         '''),
-        code('''
+        code(r'''
             def rosenbrock(p):
                 return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
 
@@ -335,7 +335,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
                       levels=np.logspace(-1, 3.5, 20))
             table(rosenbrock, rosenbrock_paths, 1e-2)
         '''),
-        code('''
+        code(r'''
             # Check: the EMA form is heavy-ball momentum with alpha scaled by (1 - beta) ...
             np.testing.assert_allclose(rosenbrock_paths["momentum (EMA)"],
                                        rosenbrock_paths["momentum (heavy ball)"], atol=1e-3)
@@ -358,7 +358,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             RMSprop: its steps have size about $\alpha$ whatever the gradient, so with a constant
             rate it ends up hovering around the minimum - a first case for decay (part 3).
         '''),
-        code('''
+        code(r'''
             KAPPA = 50.0
 
 
@@ -386,7 +386,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
                       levels=np.logspace(-2, 1.7, 15))
             table(quadratic, quadratic_paths, 1e-6)
         '''),
-        code('''
+        code(r'''
             def steps_to(fn, xs, target):
                 losses = np.asarray(jax.vmap(fn)(jnp.asarray(xs)))
                 hit = np.flatnonzero(losses < target)
@@ -411,7 +411,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
 
             Below: minibatch SGD on the linear regression of part 1 with a large rate and batches of 8.
         '''),
-        code('''
+        code(r'''
             def sgd_path(learning_rate, epochs, batch=8, seed=SEED):
                 """Parameter (w, b) after every minibatch step of SGD on the regression data."""
                 tx = jopt.sgd(learning_rate)
@@ -472,7 +472,7 @@ def notebook_01() -> list[nbformat.NotebookNode]:
             `jopt.chain(jopt.clip_by_global_norm(c), jopt.sgd(...))`. The same protects neural
             networks from the occasional exploding gradient.
         '''),
-        code('''
+        code(r'''
             start = [-2.0, -1.0]
             clip_paths = {
                 "SGD + momentum": run(jopt.sgd(1e-3, momentum=0.9), rosenbrock, start, 2000),
@@ -520,8 +520,286 @@ def notebook_01() -> list[nbformat.NotebookNode]:
     ]
 
 
+# --------------------------------------------------------------------------------------
+# 05 - what XLA runs
+# --------------------------------------------------------------------------------------
+
+def notebook_05() -> list[nbformat.NotebookNode]:
+    return [
+        md(r'''
+            # 05 · What XLA runs: the computation graph of a training step
+
+            `jax.jit` turns a Python function into a program in three stages:
+
+            1. **trace** - run the Python once on abstract values and record a **jaxpr**, JAX's
+               own small functional language;
+            2. **lower** - translate the jaxpr to **StableHLO**, the input language of the XLA
+               compiler;
+            3. **compile** - XLA optimises the program (fusing elementwise operations into
+               kernels, choosing layouts, scheduling) and emits the **optimized HLO** that runs.
+
+            `jopt.inspect.inspect_step(step, *args)` does all three ahead of time - nothing is
+            executed - and returns a `StepReport` with the jaxpr, both HLO texts, XLA's cost
+            analysis (FLOPs, bytes accessed), the kernels it launches and the compile time. This
+            notebook uses it on a training step of the MNIST MLP, then compares per-leaf and
+            flat (`jopt.flat.FlatParams`) optimizer updates, and the optimizer-state codecs.
+            It runs on any backend; the numbers below are for the one it runs on.
+        '''),
+        install_cell(),
+        parameters_cell('''
+            BATCH = 128
+        '''),
+        code(r'''
+            import time
+
+            import flax.linen as nn
+            import jax
+            import jax.numpy as jnp
+            import numpy as np
+            import optax
+
+            import jopt
+            from jopt.flat import FlatParams
+            from jopt.inspect import compare, inspect_step
+
+            print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})")
+
+            MANY_LEAVES = 20 if SMALL else 300  # arrays in the per-leaf vs flat comparison
+            BIG_BUFFER = 1 << 18 if SMALL else 1 << 24  # parameters in the state-storage comparison
+
+
+            def median_time(fn, *args, repeats=5 if SMALL else 30):
+                """Median wall time of fn(*args) in seconds, after one warm-up call."""
+                jax.block_until_ready(fn(*args))
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(*args))
+                    times.append(time.perf_counter() - start)
+                return float(np.median(times))
+        '''),
+        md(r'''
+            ## 1. One training step
+
+            The reference MLP 784-64-64-10 with Adam and softmax cross-entropy; the batch arrives
+            as `uint8` pixels and is normalised inside the step. The compiled program depends
+            only on the shapes and dtypes of the arguments, so random pixels stand in for a
+            batch of digits.
+        '''),
+        code(r'''
+            class MLP(nn.Module):
+                hidden: tuple[int, ...] = (64, 64)
+
+                @nn.compact
+                def __call__(self, x):
+                    x = x.reshape(x.shape[0], -1)
+                    for width in self.hidden:
+                        x = nn.relu(nn.Dense(width)(x))
+                    return nn.Dense(10)(x)
+
+
+            model = MLP()
+            params = model.init(jax.random.key(SEED), jnp.zeros((1, 28, 28)))["params"]
+            tx = jopt.adam(1e-3)
+            opt_state = tx.init(params)
+
+
+            def loss_fn(params, images, labels):
+                logits = model.apply({"params": params}, images.astype(jnp.float32) / 255.0)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+            @jax.jit
+            def train_step(params, opt_state, images, labels):
+                loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return jopt.apply_updates(params, updates), opt_state, loss
+
+
+            image_key, label_key = jax.random.split(jax.random.key(SEED + 1))
+            images = jax.random.randint(image_key, (BATCH, 28, 28), 0, 256).astype(jnp.uint8)
+            labels = jax.random.randint(label_key, (BATCH,), 0, 10)
+
+            report = inspect_step(train_step, params, opt_state, images, labels)
+            print(report.summary())
+        '''),
+        md(r'''
+            ## 2. The jaxpr
+
+            The jaxpr lists every primitive operation the step performs - forward pass, backward
+            pass (added by `jax.value_and_grad`) and optimizer update - with the shape and dtype
+            of every value. The whole step is a few hundred equations; Adam's update of a single
+            array is short enough to read: the two moment EMAs, bias correction and the scaled
+            step, exactly the formulas of notebook 01.
+        '''),
+        code(r'''
+            counts = sorted(report.primitive_counts.items(), key=lambda kv: -kv[1])
+            print(f"{report.num_jaxpr_eqns} equations; most used primitives:",
+                  ", ".join(f"{name} x{n}" for name, n in counts[:10]))
+
+            w = jnp.zeros((64, 64))
+            adam_update = inspect_step(lambda grads, state: tx.update(grads, state), w, tx.init(w))
+            print(adam_update.jaxpr)
+        '''),
+        md(r'''
+            ## 3. The optimized HLO: what actually runs
+
+            The lowered StableHLO has about one operation per jaxpr equation. XLA then **fuses**
+            chains of elementwise operations and reductions into single kernels, so their
+            intermediate arrays are never written to memory. The entry computation below is the
+            sequence of kernels one step launches: the matrix multiplications (`dot`, or a
+            library-call fusion on CPU), the fused elementwise work around them, and, at the end,
+            the optimizer's fused updates of each parameter array (its two moments and the
+            parameter itself).
+        '''),
+        code(r'''
+            stablehlo_ops = report.stablehlo_text.count(" = stablehlo.")
+            print(f"StableHLO operations: {stablehlo_ops}; kernels after XLA's passes: "
+                  f"{report.num_kernels} ({report.num_fusions} fusions)\n")
+            entry = report.entry_hlo().splitlines()
+            kept = [line for line in entry if " parameter(" not in line]
+            print(f"(omitting {len(entry) - len(kept)} parameter lines)")
+            print("\n".join(line if len(line) < 160 else line[:157] + "..." for line in kept))
+        '''),
+        md(r'''
+            ## 4. Cost analysis: FLOPs and bytes
+
+            XLA's cost model counts the floating-point operations and the bytes each kernel reads
+            and writes. For the MLP the matrix multiplications dominate: the forward pass costs
+            $2B\sum_l n_{l-1} n_l$ FLOPs for batch $B$ and layer widths $n_l$; the backward pass
+            costs twice that (a gradient for the weights and one for the activations, except the
+            input's, which nobody needs). Dividing by the measured step time gives the FLOP rate
+            and memory bandwidth the step achieves.
+        '''),
+        code(r'''
+            widths = [784, 64, 64, 10]
+            forward = 2 * BATCH * sum(a * b for a, b in zip(widths, widths[1:]))
+            backward = 2 * forward - 2 * BATCH * widths[0] * widths[1]
+            print(f"matmul FLOPs by hand: {(forward + backward) / 1e6:.2f} M; "
+                  f"XLA's count, elementwise work included: {report.flops / 1e6:.2f} M")
+
+            step_time = median_time(train_step, params, opt_state, images, labels)
+            print(f"step time {step_time * 1e3:.3f} ms -> {report.flops / step_time / 1e9:.2f} GFLOP/s, "
+                  f"{report.bytes_accessed / step_time / 1e9:.2f} GB/s (by XLA's byte count); "
+                  f"arithmetic intensity {report.arithmetic_intensity:.1f} FLOP/byte")
+
+            # Check: XLA's count agrees with the hand count, plus a little elementwise work.
+            assert forward + backward <= report.flops <= 1.1 * (forward + backward)
+        '''),
+        md(r'''
+            ## 5. Per-leaf vs flat optimizer updates
+
+            An optimizer applied to a pytree runs its update once per parameter array: each
+            array gets its own fused kernels, and XLA compiles each of them. A model with hundreds
+            of arrays pays in kernel launches (which dominate on GPU/TPU when arrays are small)
+            and, above all, in compile time. `FlatParams.pack(params)` packs the tree into one
+            buffer per dtype; any optimizer works on it unchanged, and `unpack()` inside the step
+            gives the tree back as free slices, so the loss is written as before.
+
+            First the MLP's step, then the update alone on a model with many arrays.
+        '''),
+        code(r'''
+            flat = FlatParams.pack(params)
+            flat_state = tx.init(flat)
+
+
+            @jax.jit
+            def flat_train_step(flat, opt_state, images, labels):
+                loss, grads = jax.value_and_grad(lambda f: loss_fn(f.unpack(), images, labels))(flat)
+                updates, opt_state = tx.update(grads, opt_state, flat)
+                return jopt.apply_updates(flat, updates), opt_state, loss
+
+
+            flat_report = inspect_step(flat_train_step, flat, flat_state, images, labels)
+            print(flat, "\n")
+            print(compare({"per-leaf step": report, "flat step": flat_report}))
+            print(f"\nstep time: per-leaf {step_time * 1e3:.3f} ms, flat "
+                  f"{median_time(flat_train_step, flat, flat_state, images, labels) * 1e3:.3f} ms")
+        '''),
+        code(r'''
+            rng = np.random.default_rng(SEED)
+            many = {f"layer{i:03d}": jnp.asarray(rng.normal(size=(int(rng.integers(16, 256)), 64)),
+                                                 jnp.float32)
+                    for i in range(MANY_LEAVES)}
+            many_flat = FlatParams.pack(many)
+
+
+            def update_step(params, grads, state):
+                updates, state = tx.update(grads, state, params)
+                return jopt.apply_updates(params, updates), state
+
+
+            per_leaf_update = inspect_step(jax.jit(update_step), many, many, tx.init(many))
+            flat_update = inspect_step(jax.jit(update_step), many_flat, many_flat, tx.init(many_flat))
+            print(f"{MANY_LEAVES} arrays, {many_flat.num_params:,} parameters, Adam update only\n")
+            print(compare({"per-leaf": per_leaf_update, "flat": flat_update}))
+            times = {
+                "per-leaf": median_time(jax.jit(update_step), many, many, tx.init(many)),
+                "flat": median_time(jax.jit(update_step), many_flat, many_flat, tx.init(many_flat)),
+            }
+            print("\nupdate time: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()))
+
+            # Check: a few kernels for the whole model, and much less to compile.
+            assert flat_update.num_kernels < per_leaf_update.num_kernels / 2
+            assert flat_update.num_jaxpr_eqns < per_leaf_update.num_jaxpr_eqns / 2
+            assert flat_update.compile_time_s < per_leaf_update.compile_time_s
+        '''),
+        md(r'''
+            The flat update does the same arithmetic (same FLOPs, same bytes) in a handful of
+            kernels, and compiles in a fraction of the time. Per-step time is another question:
+            on a CPU, XLA may run many small independent kernels on parallel threads, and one big
+            kernel is not automatically faster; on GPU and TPU, where every launch costs
+            microseconds, fewer kernels win. Measure on your hardware: the scripts in
+            `benchmarks/` time both side by side.
+
+            ## 6. Optimizer-state storage
+
+            Adam keeps two moments per parameter: 8 bytes of state per parameter in float32.
+            `state_storage="bfloat16"` halves that; `"int8"` stores block-wise quantized moments
+            (about 2 bytes per parameter). The reports show what each codec costs inside the
+            update: compare their kernels, FLOPs and bytes accessed.
+        '''),
+        code(r'''
+            big = jnp.zeros(BIG_BUFFER)
+            storage_reports, state_bytes = {}, {}
+            for storage in ("float32", "bfloat16", "int8"):
+                tx_s = jopt.adam(1e-3, state_storage=storage)
+                state = tx_s.init(big)
+                state_bytes[storage] = jopt.storage.state_nbytes(state) / big.size
+
+                def update_with_storage(params, grads, state, tx_s=tx_s):
+                    updates, state = tx_s.update(grads, state, params)
+                    return jopt.apply_updates(params, updates), state
+
+                storage_reports[storage] = inspect_step(update_with_storage, big, big, state)
+            print(compare(storage_reports))
+            print("\nstate bytes per parameter: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in state_bytes.items()))
+
+            # Check: the codecs shrink the state as documented.
+            assert state_bytes["float32"] >= 8.0
+            assert state_bytes["bfloat16"] <= 4.01
+            assert state_bytes["int8"] <= 2.1
+        '''),
+        md(r'''
+            ## Takeaways
+
+            * `inspect_step` shows each stage of `jit`: the jaxpr you wrote, the HLO XLA runs,
+              and the static cost of running it - for any jitted function, sharded ones included
+              (their figures are per device).
+            * XLA fuses elementwise chains: the optimizer update of one array becomes one or a
+              few kernels. The number of parameter arrays, not of parameters, sets the kernel
+              count and the compile time of a per-leaf update; flat buffers remove that
+              dependence.
+            * FLOPs and bytes from the cost model, divided by a measured step time, tell whether
+              a step is compute- or bandwidth-bound on your hardware.
+        '''),
+    ]
+
+
 NOTEBOOKS = {
     "01_optimizers": (notebook_01, {}),
+    "05_computation_graph": (notebook_05, {}),
 }
 
 

@@ -56,6 +56,7 @@ def test_loop_bodies_are_counted_and_nested_jaxprs_included():
     assert report.num_kernels > entry_kernels
     # scan + the two equations of its body.
     assert report.num_jaxpr_eqns == 3
+    assert report.primitive_counts == {"scan": 1, "sin": 1, "mul": 1}
 
 
 def test_jitted_function_keeps_its_static_arguments():
