@@ -1,0 +1,224 @@
+"""Tests for jopt.quantization: fake quantization + STE, QuantDense, int8 PTQ and inference."""
+
+import doctest
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jopt
+from jopt import quantization
+from jopt.quantization import QuantDense, QuantizedTensor
+
+MODES = ["int8", "int4", "ternary", "binary"]
+
+
+def _kernel(seed=0, shape=(32, 6)):
+    return 0.3 * jax.random.normal(jax.random.key(seed), shape)
+
+
+class _MLP(nn.Module):
+    weights: str | None = None
+    activations: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        def dense(features, name):
+            if self.weights is None:
+                return nn.Dense(features, name=name)
+            return QuantDense(features, weights=self.weights, activations=self.activations,
+                              name=name)
+        return dense(3, "out")(nn.relu(dense(16, "hidden")(x)))
+
+
+# ----------------------------------------------------------------------------- fake quantization
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_integer_fake_quantization(mode):
+    w = _kernel()
+    qmax = {"int8": 127, "int4": 7}[mode]
+    scale = np.abs(np.asarray(w)).max(axis=0) / qmax  # per output channel
+    fq = np.asarray(quantization.fake_quantize(w, mode))
+    codes = fq / scale
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    assert np.abs(np.round(codes)).max() == qmax
+    assert (np.abs(fq - np.asarray(w)) <= scale / 2 + 1e-6).all()
+
+
+def test_ternary_and_binary_follow_their_papers():
+    w = np.asarray(_kernel())
+    magnitude = np.abs(w)
+    delta = 0.7 * magnitude.mean(axis=0)  # TWN threshold per output channel
+    alpha = np.array([magnitude[magnitude[:, j] > delta[j], j].mean() for j in range(w.shape[1])])
+    expected = np.where(magnitude > delta, np.sign(w) * alpha, 0.0)
+    np.testing.assert_allclose(quantization.fake_quantize(w, "ternary"), expected, rtol=1e-6)
+    xnor = np.where(w >= 0, 1.0, -1.0) * magnitude.mean(axis=0)  # XNOR-Net: mean |w|
+    np.testing.assert_allclose(quantization.fake_quantize(w, "binary"), xnor, rtol=1e-6)
+    np.testing.assert_allclose(quantization.fake_quantize(w, 1), xnor, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_straight_through_gradient(mode):
+    w = _kernel().at[0, 0].set(1.7)  # outside binary's clipping range |w| <= 1
+    cotangent = jax.random.normal(jax.random.key(5), w.shape)
+    grad = jax.grad(lambda w: jnp.sum(cotangent * quantization.fake_quantize(w, mode)))(w)
+    expected = np.array(cotangent)
+    if mode == "binary":
+        expected[0, 0] = 0.0
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_straight_through_clipping_range():
+    x = jnp.array([-3.0, -1.0, 0.2, 1.0, 2.5])
+    q = jnp.clip(jnp.round(x), -1, 1)
+    grad = jax.grad(lambda x: quantization.straight_through(x, q, jnp.abs(x) <= 1).sum())(x)
+    np.testing.assert_array_equal(grad, [0.0, 1.0, 1.0, 1.0, 0.0])
+    assert (quantization.straight_through(x, q, jnp.abs(x) <= 1) == q).all()
+    activations = jax.grad(lambda x: quantization.fake_quantize_activations(x).sum())(x[None])
+    np.testing.assert_array_equal(activations, np.ones((1, 5)))
+
+
+@pytest.mark.parametrize("bad", [3, 16, "int3", "float", True, None])
+def test_unsupported_modes(bad):
+    with pytest.raises(ValueError, match=r"Unsupported weight quantization.*'int8' \(8\)"):
+        quantization.fake_quantize(_kernel(), bad)
+    with pytest.raises(ValueError, match="Unsupported weight quantization"):
+        quantization.quantize_params({"w": _kernel()}, bad)
+
+
+def test_quant_dense_errors_and_param_names():
+    x = jnp.ones((2, 5))
+    with pytest.raises(ValueError, match="activations must be None or 'int8'"):
+        QuantDense(3, activations="int4").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="Unsupported weight quantization"):
+        QuantDense(3, weights=5).init(jax.random.key(0), x)
+    quantized = QuantDense(3).init(jax.random.key(0), x)
+    plain = nn.Dense(3).init(jax.random.key(0), x)
+    assert jax.tree.structure(quantized) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, quantized, plain)
+
+
+@pytest.mark.parametrize("mode", ["int4", "binary"])
+def test_quantization_aware_training_learns(mode):
+    """QAT of a tiny classifier on separable data: gradients reach the float weights."""
+    x = jax.random.normal(jax.random.key(0), (256, 8))
+    y = jnp.argmax(x[:, :3], axis=-1)
+    model = _MLP(weights=mode, activations="int8")
+    params = model.init(jax.random.key(1), x)["params"]
+    tx = jopt.adam(0.02)
+
+    def loss(params):
+        logits = model.apply({"params": params}, x)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(256), y])
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            params, state = carry
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, state = tx.update(grads, state, params)
+            return (jopt.apply_updates(params, updates), state), value
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=150)
+
+    (params, _), losses = train(params)
+    assert losses[-1] < 0.5 * losses[0]
+    qparams = quantization.quantize_params(params, mode)
+    logits = quantization.quantized_apply(model, qparams, x)
+    assert float(jnp.mean(jnp.argmax(logits, -1) == y)) > 0.85
+
+
+# ----------------------------------------------------------------------------- PTQ and int8 inference
+
+
+def test_int8_matmul_matches_float_within_quantization_error():
+    x = jax.random.normal(jax.random.key(7), (5, 32)) * jnp.arange(1, 6)[:, None]
+    w = _kernel()
+    q = quantization.quantize(w)
+    y = np.asarray(quantization.int8_matmul(x, q))
+    reference = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    # |x̂ŵ - xw| <= Σ_i |x_i| s_w/2 + |w_ij| s_x/2 + s_x s_w/4, per output.
+    s_x = np.abs(np.asarray(x)).max(axis=1, keepdims=True) / 127
+    s_w = np.asarray(q.scale).reshape(1, -1)
+    bound = (np.abs(np.asarray(x)).sum(1, keepdims=True) * s_w / 2
+             + s_x * np.abs(np.asarray(w)).sum(0, keepdims=True) / 2 + 32 * s_x * s_w / 4)
+    assert (np.abs(y - reference) <= bound + 1e-5).all()
+    assert np.abs(y - reference).max() < 0.02 * np.abs(reference).max()
+
+
+def test_int8_matmul_really_multiplies_integers():
+    q = quantization.quantize(_kernel())
+    text = jax.jit(quantization.int8_matmul).lower(jnp.ones((4, 32)), q).as_text()
+    assert re.search(r"dot_general.*tensor<4x32xi8>, tensor<32x6xi8>\) -> tensor<4x6xi32>", text)
+    with pytest.raises(ValueError, match="in matches x's last axis"):
+        quantization.int8_matmul(jnp.ones((4, 31)), q)
+
+
+def test_quantized_apply_on_a_flax_model():
+    model = _MLP()
+    x = jax.random.normal(jax.random.key(3), (8, 20))
+    params = model.init(jax.random.key(4), x)["params"]
+    qparams = quantization.quantize_params(params)
+    assert isinstance(qparams["hidden"]["kernel"], QuantizedTensor)
+    assert qparams["hidden"]["bias"].dtype == jnp.float32
+    y = jax.jit(lambda p, x: quantization.quantized_apply(model, p, x))(qparams, x)
+    reference = model.apply({"params": params}, x)
+    np.testing.assert_allclose(y, reference, atol=0.03 * float(jnp.abs(reference).max()))
+    text = jax.jit(lambda p, x: quantization.quantized_apply(model, p, x)).lower(
+        qparams, x).as_text()
+    assert len(re.findall(r"xi8>\) -> tensor<\d+x\d+xi32>", text)) == 2
+    # Float params through quantized_apply are the plain float model.
+    np.testing.assert_allclose(quantization.quantized_apply(model, params, x), reference)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qat_model_and_integer_inference_agree(mode):
+    """PTQ of a QAT tree reproduces the codes the model was trained with."""
+    model = _MLP(weights=mode, activations="int8")
+    x = jax.random.normal(jax.random.key(3), (8, 20))
+    params = model.init(jax.random.key(4), x)["params"]
+    qparams = quantization.quantize_params(params, mode)
+    np.testing.assert_allclose(
+        qparams["hidden"]["kernel"].dequantize(),
+        quantization.fake_quantize(params["hidden"]["kernel"], mode), rtol=1e-6)
+    fake = model.apply({"params": params}, x)
+    real = quantization.quantized_apply(model, qparams, x)
+    np.testing.assert_allclose(real, fake, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_size_report_and_file_round_trip(mode, tmp_path):
+    params = {"dense": {"kernel": _kernel(shape=(64, 10)), "bias": jnp.zeros(10)}}
+    qparams = quantization.quantize_params(params, mode)
+    report = quantization.size_report(params, qparams)
+    bits = quantization.MODES[mode]
+    assert report["float32_bytes"] == (640 + 10) * 4
+    assert report["weight_quantized_bytes"] == 640 * bits // 8 + 10 * 4
+    assert report["quantized_bytes"] == report["weight_quantized_bytes"] + 40
+    if mode == "int8":
+        assert report["weight_ratio"] == pytest.approx(2560 / 680)
+    path = tmp_path / "q.npz"
+    size = quantization.save_quantized(path, qparams)
+    assert size == path.stat().st_size
+    loaded = quantization.load_quantized(path)
+    kernel = loaded["dense"]["kernel"]
+    assert isinstance(kernel, QuantizedTensor) and kernel.mode == mode
+    np.testing.assert_array_equal(kernel.codes, qparams["dense"]["kernel"].codes)
+    np.testing.assert_array_equal(kernel.scale, qparams["dense"]["kernel"].scale)
+    np.testing.assert_array_equal(loaded["dense"]["bias"], params["dense"]["bias"])
+
+
+def test_int4_packing_covers_the_code_range(tmp_path):
+    codes = np.arange(-7, 8, dtype=np.int8).reshape(15, 1)  # odd count: padded nibble
+    tensor = QuantizedTensor(jnp.asarray(codes), jnp.ones((1, 1)), "int4")
+    quantization.save_quantized(tmp_path / "q.npz", {"w": tensor})
+    loaded = quantization.load_quantized(tmp_path / "q.npz", like={"w": 0})
+    np.testing.assert_array_equal(loaded["w"].codes, codes)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(quantization, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
