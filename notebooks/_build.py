@@ -694,6 +694,287 @@ def notebook_02() -> list[nbformat.NotebookNode]:
 
 
 # --------------------------------------------------------------------------------------
+# 04 - pruning and quantization
+# --------------------------------------------------------------------------------------
+
+def notebook_04() -> list[nbformat.NotebookNode]:
+    return [
+        md(r'''
+            # 04 · Compressing the MLP: pruning and quantization
+
+            Two ways to make the trained MLP of notebook 02 smaller:
+
+            * **pruning** (`jopt.pruning`) sets most weights to exactly zero and stores only the
+              rest. `pruning.prune(optimizer, schedule)` wraps any optimizer so that it trains a
+              masked network, recomputing the masks from the weights' magnitudes as the
+              schedule says (gradual pruning, Zhu & Gupta 2017);
+            * **quantization** (`jopt.quantization`) stores each weight as a small integer code
+              times a float scale per output channel: post-training quantization (PTQ) of a
+              trained model, and quantization-aware training (QAT) for the aggressive 4-, 2- and
+              1-bit codes. The quantized model runs with real `int8 × int8 → int32` matrix
+              products.
+
+            Every model here is trained with the epoch function of `jopt.train` (one jitted
+            `lax.scan` per epoch), with the recipe of `configs/default.py`.
+        '''),
+        install_cell(),
+        parameters_cell('''
+            # "mnist" (downloaded on first use) or "fashion_mnist"; CI uses the latter.
+            DATASET = os.environ.get("JOPT_NOTEBOOK_DATASET", "mnist")
+        '''),
+        code(r'''
+            import functools
+            import tempfile
+
+            import flax.linen as nn
+            import jax
+            import jax.numpy as jnp
+            import matplotlib.pyplot as plt
+            import numpy as np
+
+            import jopt
+            from jopt import pruning, quantization
+            from jopt.cli import load_config
+            from jopt.models import MLP
+            from jopt.train import (build_epoch_fn, build_eval_fn, epoch_key, init_train_state,
+                                    make_apply_fn, make_loss_fn, prepare_eval_data, shuffle_batches)
+
+            print(f"jax {jax.__version__} on {jax.default_backend()}")
+            if REPO is None:
+                raise FileNotFoundError(
+                    "configs/default.py ships with jopt's repository: run this notebook from a "
+                    "clone, or uninstall jopt and re-run the first cell to clone JOPT_REPOSITORY.")
+            config = load_config(REPO / "configs" / "default.py", [f"--config.dataset={DATASET}"])
+            config.seed = SEED
+            EPOCHS = 2 if SMALL else config.num_epochs
+            dataset = jopt.data.load(config.dataset)
+            if SMALL:
+                dataset = jopt.data.subset(dataset, train=4096, test=1000)
+            print(dataset, f"- {EPOCHS} epochs of batch {config.batch_size}")
+
+            train_images = jax.device_put(dataset.train_images)
+            train_labels = jax.device_put(dataset.train_labels)
+            eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels, 1000)
+            steps_per_epoch = len(dataset.train_images) // config.batch_size
+            total_steps = EPOCHS * steps_per_epoch
+
+
+            def fit(model, tx):
+                """Trains model with tx for EPOCHS epochs; returns the final TrainState."""
+                epoch_fn = build_epoch_fn(config, make_loss_fn(make_apply_fn(model)), tx)
+                state = init_train_state(config, model, tx, dataset.train_images.shape[1:])
+                for epoch in range(1, EPOCHS + 1):
+                    batches = shuffle_batches(epoch_key(config.seed, epoch),
+                                              len(dataset.train_images), config.batch_size)
+                    state, _ = epoch_fn(state, train_images, train_labels, batches)
+                return state
+
+
+            @functools.cache  # one compiled evaluation per apply function
+            def evaluator(apply_fn):
+                return build_eval_fn(apply_fn)
+
+
+            def accuracy(apply_fn, params):
+                """Test accuracy of apply_fn(params, uint8 images) -> logits."""
+                return float(evaluator(apply_fn)(params, eval_data)["accuracy"])
+
+
+            def unflatten(params):
+                """The parameter tree (jopt.train keeps it packed in a FlatParams)."""
+                return params.unpack() if isinstance(params, jopt.flat.FlatParams) else params
+        '''),
+        md(r'''
+            ## The dense baseline
+
+            The reference MLP 784-64-64-10 trained with Adam: 55,050 float32 parameters, 215 kB.
+        '''),
+        code(r'''
+            model = MLP()
+            apply_fn = make_apply_fn(model)
+            dense_params = unflatten(fit(model, jopt.adam(config.optimizer.learning_rate)).params)
+            dense_accuracy = accuracy(apply_fn, dense_params)
+            dense_bytes = pruning.nbytes(dense_params)
+            print(f"dense: test accuracy {100 * dense_accuracy:.2f}%, {dense_bytes:,} bytes")
+            results = {"dense float32": (dense_accuracy, dense_bytes)}
+        '''),
+        md(r'''
+            ## Pruning
+
+            **One shot, no retraining.** `pruning.compute_masks(params, s)` keeps, in each weight
+            matrix, the $1-s$ fraction of entries with the largest magnitude (biases are not
+            pruned). Zeroing the rest of a trained network costs little accuracy at first, then
+            a lot.
+        '''),
+        code(r'''
+            def apply_masks(params, masks):
+                return jax.tree.map(lambda p, m: jnp.where(m, p, 0.0), params, masks)
+
+
+            sparsities = [0.5, 0.7, 0.8, 0.9, 0.95]
+            one_shot = {s: accuracy(apply_fn, apply_masks(dense_params, pruning.compute_masks(dense_params, s)))
+                        for s in sparsities}
+            for s, acc in one_shot.items():
+                print(f"one-shot {100 * s:.0f}% sparse: test accuracy {100 * acc:.2f}%")
+        '''),
+        md(r'''
+            **Gradual pruning during training.** The wrapper hands the optimizer the gradients of
+            the masked network and zeroes pruned weights at every step; the schedule raises the
+            sparsity from 0 to $s_f$ between 20% and 80% of training,
+            $s_t = s_f\,\big(1 - (1 - \tfrac{t - t_0}{t_1 - t_0})^3\big)$, fast while many weights
+            are redundant and slowly at the end, so the network adapts as it loses weights.
+            Masks are chosen per layer (each matrix 90% sparse) or globally (one magnitude
+            threshold for all matrices: the large first layer gives up more).
+        '''),
+        code(r'''
+            TARGET = 0.9
+            schedule = pruning.polynomial_decay(0.0, TARGET, int(0.2 * total_steps), int(0.8 * total_steps),
+                                                frequency=max(1, total_steps // 50))
+            pruned = {}
+            for granularity in ("per_layer", "global"):
+                tx = pruning.prune(jopt.adam(config.optimizer.learning_rate), schedule,
+                                   granularity=granularity)
+                state = fit(model, tx)
+                params = unflatten(state.params)
+                pruned[granularity] = params
+                acc = accuracy(apply_fn, params)
+                report = pruning.size_report(params)
+                results[f"pruned {100 * TARGET:.0f}% ({granularity})"] = (acc, report["sparse_bytes"])
+                layers = ", ".join(f"{name} {100 * float(jnp.mean(layer['kernel'] == 0)):.0f}%"
+                                   for name, layer in params["params"].items())
+                print(f"{granularity:9s}: test accuracy {100 * acc:.2f}%, sparsity "
+                      f"{100 * report['sparsity']:.1f}% ({layers}), {report['sparse_bytes']:,} bytes "
+                      f"({report['compression']:.1f}x smaller)")
+
+            schedule_steps = np.arange(total_steps + 1)
+            fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(12, 4))
+            ax_s.plot(schedule_steps, 100 * np.asarray(jax.vmap(schedule.sparsity)(schedule_steps)))
+            ax_s.set(xlabel="step", ylabel="target sparsity (%)", title="Zhu & Gupta schedule")
+            # How many of the 64 first-layer units still read each pixel.
+            readers = np.asarray(pruned["per_layer"]["params"]["hidden_0"]["kernel"] != 0).sum(1)
+            image = ax_p.imshow(readers.reshape(28, 28), cmap="viridis")
+            ax_p.set(title="first layer after pruning: units reading each pixel")
+            ax_p.axis("off")
+            fig.colorbar(image, ax=ax_p)
+            plt.show()
+        '''),
+        md(r'''
+            Which pixels keep their connections? Not only the useful ones: a weight reading a
+            pixel that is blank in (almost) every image receives (almost) no gradient, keeps its
+            random initial magnitude, and magnitude pruning cannot tell it from a useful weight -
+            after a full run the border of this map stays lit. Such weights cost storage but no
+            accuracy (their input is zero); weight decay (e.g. `jopt.adamw`) is the usual remedy,
+            as it shrinks the weights the loss does not hold up.
+
+            `pruning.strip` exports the pruned tree as `SparseArray`s (per array the smallest of
+            a bitmask, an index list or dense storage), and `pruning.save_sparse` writes them to
+            an `.npz` whose size reflects the sparsity.
+        '''),
+        code(r'''
+            with tempfile.TemporaryDirectory() as directory:
+                path = f"{directory}/pruned.npz"
+                file_bytes = pruning.save_sparse(path, pruning.strip(pruned["per_layer"]))
+                restored = pruning.load_sparse(path, like=pruned["per_layer"], dense=True)
+            print(f"pruned model on disk: {file_bytes:,} bytes (dense: {dense_bytes:,})")
+            restored_accuracy = accuracy(apply_fn, jax.tree.map(jnp.asarray, restored))
+            print(f"reloaded model: test accuracy {100 * restored_accuracy:.2f}%")
+        '''),
+        md(r'''
+            ## Quantization
+
+            **Post-training quantization.** `quantization.quantize_params(params, mode)` replaces
+            each kernel by codes and one scale per output channel: int8 codes in $[-127, 127]$
+            with $s = \max|w|/127$, int4 in $[-7, 7]$, ternary $\{-1, 0, 1\}$ and binary
+            $\{-1, 1\}$ with $s = $ mean $|w|$. `quantization.quantized_apply` runs the model
+            on them in integer arithmetic (activations are quantized per example to int8 on the
+            fly). int8 is nearly free; fewer bits cost more and more accuracy.
+        '''),
+        code(r'''
+            @functools.cache
+            def int_apply_fn(model):
+                """apply(qparams, uint8 images) with int8 x int8 -> int32 matmuls."""
+                return lambda qparams, images: quantization.quantized_apply(
+                    model, qparams, images.astype(jnp.float32) / 255.0)
+
+
+            ptq = {}
+            for mode in quantization.MODES:
+                qparams = quantization.quantize_params(dense_params["params"], mode)
+                sizes = quantization.size_report(dense_params["params"], qparams)
+                ptq[mode] = accuracy(int_apply_fn(model), qparams)
+                results[f"PTQ {mode}"] = (ptq[mode], sizes["quantized_bytes"])
+                print(f"PTQ {mode:8s}: test accuracy {100 * ptq[mode]:.2f}%, "
+                      f"{sizes['quantized_bytes']:,} bytes ({sizes['ratio']:.1f}x smaller; "
+                      f"weights {sizes['weight_ratio']:.1f}x)")
+        '''),
+        md(r'''
+            **Quantization-aware training.** A model built from `quantization.QuantDense`
+            computes its forward pass with the quantized weights, $\hat w = s\,q(w/s)$, and its
+            backward pass with the straight-through estimator ($\partial \hat w / \partial w = 1$
+            inside the clipping range): the float weights keep learning while the network learns
+            to live with the rounding. Its parameters are named like `nn.Dense`'s, so the same
+            `quantize_params` / `quantized_apply` export it.
+        '''),
+        code(r'''
+            class QATMLP(nn.Module):
+                """The MLP with fake-quantized weights (QuantDense in place of nn.Dense)."""
+
+                weights: str
+                hidden_sizes: tuple[int, ...] = (64, 64)
+
+                @nn.compact
+                def __call__(self, images):
+                    x = images.reshape((images.shape[0], -1))
+                    for i, size in enumerate(self.hidden_sizes):
+                        x = nn.relu(quantization.QuantDense(size, weights=self.weights,
+                                                            name=f"hidden_{i}")(x))
+                    return quantization.QuantDense(10, weights=self.weights, name="logits")(x)
+
+
+            qat = {}
+            for mode in (["ternary"] if SMALL else ["int4", "ternary", "binary"]):
+                qat_model = QATMLP(mode)
+                qat_params = unflatten(fit(qat_model, jopt.adam(config.optimizer.learning_rate)).params)
+                qparams = quantization.quantize_params(qat_params["params"], mode)
+                sizes = quantization.size_report(qat_params["params"], qparams)
+                qat[mode] = accuracy(int_apply_fn(qat_model), qparams)
+                results[f"QAT {mode}"] = (qat[mode], sizes["quantized_bytes"])
+                print(f"QAT {mode:8s}: test accuracy {100 * qat[mode]:.2f}% "
+                      f"(PTQ of the float model: {100 * ptq[mode]:.2f}%), {sizes['quantized_bytes']:,} bytes")
+        '''),
+        md(r'''
+            ## Summary
+        '''),
+        code(r'''
+            print(f"{'model':24s} {'test accuracy':>14s} {'bytes':>9s} {'smaller':>8s}")
+            for name, (acc, size) in results.items():
+                print(f"{name:24s} {100 * acc:13.2f}% {size:9,} {dense_bytes / size:7.1f}x")
+
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            for name, (acc, size) in results.items():
+                ax.scatter(size / 1024, 100 * acc)
+                ax.annotate(name, (size / 1024, 100 * acc), fontsize=8, xytext=(4, 2),
+                            textcoords="offset points")
+            ax.set(xscale="log", xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)",
+                   title="Accuracy against size")
+            ax.grid(alpha=0.3)
+            plt.show()
+        '''),
+        code(r'''
+            # Check: what the notebook claims.
+            per_layer = pruned["per_layer"]["params"]
+            for layer in per_layer.values():  # every kernel pruned to the target, biases untouched
+                assert abs(float(jnp.mean(layer["kernel"] == 0)) - TARGET) < 0.01
+            assert restored_accuracy == results["pruned 90% (per_layer)"][0]
+            assert results["pruned 90% (per_layer)"][0] > one_shot[0.9]  # training through pruning helps
+            assert abs(ptq["int8"] - dense_accuracy) < 0.01  # int8 PTQ is nearly lossless
+            assert results["PTQ int8"][1] * 3.5 < dense_bytes
+            assert qat["ternary"] > ptq["ternary"]  # QAT recovers what 2-bit PTQ loses
+        '''),
+    ]
+
+
+# --------------------------------------------------------------------------------------
 # 05 - what XLA runs
 # --------------------------------------------------------------------------------------
 
@@ -973,6 +1254,7 @@ def notebook_05() -> list[nbformat.NotebookNode]:
 NOTEBOOKS = {
     "01_optimizers": (notebook_01, {}),
     "02_mnist_mlp": (notebook_02, {}),
+    "04_compression": (notebook_04, {}),
     "05_computation_graph": (notebook_05, {}),
 }
 
