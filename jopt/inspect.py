@@ -68,7 +68,9 @@ class StepReport:
       stablehlo_text: the lowered program handed to XLA (StableHLO).
       hlo_text: the optimized HLO module XLA runs.
       flops: floating-point operations XLA's cost analysis counts (None when the
-        backend offers no cost analysis).
+        backend offers no cost analysis). A static estimate: GPU cost models have
+        missed the FLOPs of library calls such as cuBLAS matmuls (jax#22249), so
+        check it against a hand count before relying on it there.
       transcendentals: exp/log/tanh/... operations counted separately.
       bytes_accessed: bytes read and written by the operations XLA runs.
       op_counts: opcode -> number of launched operations of that kind.

@@ -1137,8 +1137,10 @@ def notebook_05() -> list[nbformat.NotebookNode]:
                   f"{report.bytes_accessed / step_time / 1e9:.2f} GB/s (by XLA's byte count); "
                   f"arithmetic intensity {report.arithmetic_intensity:.1f} FLOP/byte")
 
-            # Check: XLA's count agrees with the hand count, plus a little elementwise work.
-            assert forward + backward <= report.flops <= 1.1 * (forward + backward)
+            # Check: XLA's count agrees with the hand count, plus a little elementwise work. Only
+            # on CPU: GPU cost models have missed FLOPs of library (cuBLAS) calls (jax#22249).
+            if jax.default_backend() == "cpu":
+                assert forward + backward <= report.flops <= 1.1 * (forward + backward)
         '''),
         md(r'''
             ## 5. Per-leaf vs flat optimizer updates
