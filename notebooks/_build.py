@@ -50,12 +50,12 @@ def install_cell() -> nbformat.NotebookNode:
 
         JOPT_REPOSITORY = os.environ.get("JOPT_REPOSITORY", "{REPOSITORY}")
         _here = pathlib.Path.cwd()
-        REPO = next((p for p in (_here.parent, _here, _here / "jopt")
+        REPO = next((p for p in (_here.parent, _here, _here / "jopt-repo")
                      if (p / "pyproject.toml").is_file() and (p / "jopt" / "__init__.py").is_file()),
                     None)
         if importlib.util.find_spec("jopt") is None:
             if REPO is None:
-                REPO = _here / "jopt"
+                REPO = _here / "jopt-repo"  # not "jopt": that name would shadow the package
                 subprocess.check_call(["git", "clone", "--depth", "1", JOPT_REPOSITORY, str(REPO)])
             subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO)])
             sys.path.insert(0, str(REPO))  # an editable install is seen by new processes only

@@ -107,5 +107,5 @@ def test_install_cell_installs_this_clone(monkeypatch):
 def test_install_cell_clones_the_repository_elsewhere(monkeypatch, tmp_path):
     (git, pip), repo = _run_install_cell(monkeypatch, tmp_path, jopt_installed=False)
     assert git == ["git", "clone", "--depth", "1", _load_build_script().REPOSITORY,
-                   str(tmp_path / "jopt")]
-    assert pip[-2:] == ["-e", str(tmp_path / "jopt")] and repo == tmp_path / "jopt"
+                   str(tmp_path / "jopt-repo")]
+    assert pip[-2:] == ["-e", str(tmp_path / "jopt-repo")] and repo == tmp_path / "jopt-repo"
