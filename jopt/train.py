@@ -51,6 +51,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jopt import checkpoints
 from jopt import data as data_lib
 from jopt import optimizers, schedules, storage
 from jopt.flat import FlatParams
@@ -71,14 +72,19 @@ __all__ = [
     "create_optimizer",
     "create_schedule",
     "epoch_key",
+    "evaluate_checkpoint",
     "init_train_state",
+    "load_checkpoint",
     "make_apply_fn",
     "make_loss_fn",
     "make_train_step",
+    "plot_curves",
     "prepare_eval_data",
+    "read_metrics",
     "shuffle_batches",
     "train_and_evaluate",
     "validate_config",
+    "write_metrics",
 ]
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -523,11 +529,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        *, dataset: data_lib.Dataset | None = None) -> TrainResult:
     """Trains ``config``'s model, evaluating on the test set after every epoch.
 
-    Writes ``workdir/metrics.jsonl`` (one JSON record per epoch: ``epoch``,
-    ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``,
-    ``epoch_time_s``, ``eval_time_s``, ``step``) and ``workdir/curves.png``.
-    ``epoch_time_s`` is the wall time of the epoch's training part; the first
-    epoch of a process includes compilation.
+    Writes into ``workdir``: ``metrics.jsonl`` (one JSON record per epoch:
+    ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``test_loss``,
+    ``test_accuracy``, ``epoch_time_s``, ``eval_time_s``), ``curves.png``,
+    ``config.json`` and ``checkpoints/`` (orbax, one per epoch, the last
+    ``config.checkpoint_keep`` kept). If ``workdir`` already holds a checkpoint of
+    the same model and optimizer, training resumes after its epoch, and ends
+    exactly where an uninterrupted run would have: shuffling depends only on the
+    seed and the epoch. ``epoch_time_s`` is the wall time of the epoch's training
+    part; the first epoch of a process includes compilation.
 
     Args:
       config: a config like ``configs/default.py``'s.
@@ -540,6 +550,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Raises:
       ConfigError: an invalid config value (raised before any training).
+      jopt.checkpoints.CheckpointMismatchError: ``workdir`` holds a checkpoint of
+        another model, optimizer or state storage.
       jopt.data.DatasetNotFoundError: the data set is not available.
     """
     validate_config(config)
@@ -555,50 +567,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     epoch_fn = build_epoch_fn(config, make_loss_fn(apply_fn), tx)
     eval_fn = build_eval_fn(apply_fn)
     shuffle = jax.jit(shuffle_batches, static_argnums=(1, 2))
-
     state = init_train_state(config, model, tx, dataset.train_images.shape[1:])
-    start_epoch, history = 0, []
-    metrics_path = workdir / "metrics.jsonl"
-    write_metrics(metrics_path, history)
 
-    train_images = jax.device_put(dataset.train_images)
-    train_labels = jax.device_put(dataset.train_labels)
-    eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
-                                  config.eval_batch_size)
-    chunks = _chunks(steps_per_epoch, config.steps_per_chunk)
+    with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
+        restored = checkpoints.restore_latest(checkpoint_manager, state, config)
+        start_epoch = 0
+        if restored is not None:
+            state, meta = restored
+            start_epoch = meta["epoch"]
+        # A run killed after writing an epoch's metrics but before its checkpoint
+        # redoes that epoch: keep only the records the checkpoint covers.
+        metrics_path = workdir / "metrics.jsonl"
+        history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+        write_metrics(metrics_path, history)
+        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+        if start_epoch:
+            tqdm.write(f"Resuming from {checkpoint_manager.directory}/{start_epoch}",
+                       file=sys.stdout)
 
-    epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train", unit="epoch",
-                  initial=start_epoch, total=config.num_epochs, file=sys.stderr, disable=None)
-    for epoch in epochs:
-        start = time.perf_counter()
-        batch_indices = shuffle(epoch_key(config.seed, epoch), num_train, config.batch_size)
-        loss_sum, num_correct = 0.0, 0
-        for chunk in tqdm(chunks, desc=f"epoch {epoch}", unit="chunk", leave=False,
-                          file=sys.stderr, disable=None if len(chunks) > 1 else True):
-            state, chunk_metrics = epoch_fn(state, train_images, train_labels,
-                                            batch_indices[chunk])
-            loss_sum += chunk_metrics["loss_sum"]
-            num_correct += chunk_metrics["num_correct"]
-        loss_sum, num_correct = jax.device_get((loss_sum, num_correct))
-        epoch_time = time.perf_counter() - start
+        train_images = jax.device_put(dataset.train_images)
+        train_labels = jax.device_put(dataset.train_labels)
+        eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
+                                      config.eval_batch_size)
+        chunks = _chunks(steps_per_epoch, config.steps_per_chunk)
+        epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
+                      unit="epoch", initial=start_epoch, total=config.num_epochs,
+                      file=sys.stderr, disable=None)
+        for epoch in epochs:
+            start = time.perf_counter()
+            batch_indices = shuffle(epoch_key(config.seed, epoch), num_train, config.batch_size)
+            loss_sum, num_correct = 0.0, 0
+            for chunk in tqdm(chunks, desc=f"epoch {epoch}", unit="chunk", leave=False,
+                              file=sys.stderr, disable=None if len(chunks) > 1 else True):
+                state, chunk_metrics = epoch_fn(state, train_images, train_labels,
+                                                batch_indices[chunk])
+                loss_sum += chunk_metrics["loss_sum"]
+                num_correct += chunk_metrics["num_correct"]
+            loss_sum, num_correct = jax.device_get((loss_sum, num_correct))
+            epoch_time = time.perf_counter() - start
 
-        start = time.perf_counter()
-        test = jax.device_get(eval_fn(state.params, eval_data))
-        record = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "train_loss": float(loss_sum) / steps_per_epoch,
-            "train_accuracy": float(num_correct) / (steps_per_epoch * config.batch_size),
-            "test_loss": float(test["loss"]),
-            "test_accuracy": float(test["accuracy"]),
-            "epoch_time_s": epoch_time,
-            "eval_time_s": time.perf_counter() - start,
-        }
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        plot_curves(history, workdir / "curves.png")
-        epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
+            start = time.perf_counter()
+            test = jax.device_get(eval_fn(state.params, eval_data))
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "train_loss": float(loss_sum) / steps_per_epoch,
+                "train_accuracy": float(num_correct) / (steps_per_epoch * config.batch_size),
+                "test_loss": float(test["loss"]),
+                "test_accuracy": float(test["accuracy"]),
+                "epoch_time_s": epoch_time,
+                "eval_time_s": time.perf_counter() - start,
+            }
+            history.append(record)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_curves(history, workdir / "curves.png")
+            checkpoints.save(checkpoint_manager, epoch, state, config,
+                             image_shape=list(dataset.train_images.shape[1:]),
+                             num_classes=dataset.num_classes)
+            epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
 
     params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
     return TrainResult(params, history[-1] if history else {}, history, state)
+
+
+def load_checkpoint(workdir: str | os.PathLike):
+    """The config, model and train state of the last checkpoint in ``workdir``.
+
+    Returns:
+      ``(config, model, state, meta)``; the config is the one the checkpoint was
+      saved with.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
+    """
+    with checkpoints.manager(workdir, keep=1) as checkpoint_manager:
+        meta = checkpoints.read_meta(checkpoint_manager)
+        if meta is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {checkpoint_manager.directory}; train first with "
+                f"`jopt train --config ... --workdir {workdir}`.")
+        config = ml_collections.ConfigDict(meta["config"])
+        model = create_model(config, meta["num_classes"])
+        tx = create_optimizer(config, steps_per_epoch=1)
+        image_shape = tuple(meta["image_shape"])
+        like = jax.eval_shape(lambda: init_train_state(config, model, tx, image_shape))
+        state, meta = checkpoints.restore_latest(checkpoint_manager, like, config)
+    return config, model, state, meta
+
+
+def evaluate_checkpoint(workdir: str | os.PathLike, *,
+                        dataset: data_lib.Dataset | None = None) -> dict[str, float]:
+    """Evaluates the last checkpoint in ``workdir`` on its config's test set.
+
+    Returns:
+      ``{"epoch", "test_loss", "test_accuracy", "num_test"}``.
+    """
+    config, model, state, meta = load_checkpoint(workdir)
+    dataset = _load_dataset(config) if dataset is None else _subset(config, dataset)
+    eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
+                                  config.eval_batch_size)
+    apply_fn = make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype])
+    result = jax.device_get(build_eval_fn(apply_fn)(state.params, eval_data))
+    return {"epoch": meta["epoch"], "test_loss": float(result["loss"]),
+            "test_accuracy": float(result["accuracy"]), "num_test": len(dataset.test_images)}

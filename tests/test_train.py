@@ -1,22 +1,23 @@
 """Tests of jopt.train: the scan-fused loop, flat vs tree mode, determinism, outputs."""
 
 import json
+import os
 import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jopt import data, train
+from jopt import checkpoints, data, train
+from jopt.cli import load_config
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "default.py"
-
-
-def _default_config():
-    from jopt.cli import load_config
-
-    return load_config(DEFAULT_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def fashion():
 
 
 def small_config(**overrides):
-    config = _default_config()
+    config = load_config(DEFAULT_CONFIG)
     config.dataset = "fashion_mnist"
     config.num_epochs = 1
     config.batch_size = 64
@@ -169,3 +170,77 @@ def test_optimizer_families_and_schedules_build():
     config = small_config(**{"optimizer.schedule.name": "exponential",
                              "optimizer.schedule.decay_rate": 0.5})
     assert float(train.create_schedule(config, 10)(20)) == pytest.approx(2.5e-4)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _jopt_command():
+    script = pathlib.Path(sys.executable).with_name("jopt")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "jopt.cli"]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    # Full training set, small batches: epoch 2 takes long enough that the kill,
+    # sent as soon as epoch 1's checkpoint exists, lands inside it.
+    overrides = ["--config.dataset=fashion_mnist", "--config.num_epochs=2",
+                 "--config.batch_size=32", "--config.test_subset=500"]
+    reference = train.train_and_evaluate(
+        load_config(DEFAULT_CONFIG, overrides), tmp_path / "reference")
+
+    workdir = tmp_path / "killed"
+    command = [*_jopt_command(), "train", "--config", str(DEFAULT_CONFIG),
+               "--workdir", str(workdir), *overrides]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "1").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert [r["epoch"] for r in train.read_metrics(workdir / "metrics.jsonl")] == [1]
+
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, _, resumed, meta = train.load_checkpoint(workdir)
+    assert meta["epoch"] == 2
+    reference_leaves = jax.tree.leaves(reference.state)
+    resumed_leaves = jax.tree.leaves(resumed)
+    assert len(resumed_leaves) == len(reference_leaves)
+    for a, b in zip(resumed_leaves, reference_leaves):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    records = train.read_metrics(workdir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["test_accuracy"] == reference.metrics["test_accuracy"]
+
+
+def test_checkpoints_keep_the_last_few(runs):
+    directory = runs["root"] / "flat" / "checkpoints"
+    assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [1, 2]
+    config, model, state, meta = train.load_checkpoint(runs["root"] / "flat")
+    assert meta["epoch"] == 2 and config.optimizer.name == "adam"
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(runs["flat"].state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"optimizer.name": "sgd"}, "config.optimizer.name: checkpoint 'adam', config 'sgd'"),
+        ({"model.hidden_sizes": (32,)}, "config.model: checkpoint"),
+        ({"optimizer.state_storage": "int8"},
+         "config.optimizer.state_storage: checkpoint None, config 'int8'"),
+        ({"optimizer.clip_global_norm": 1.0}, "another structure"),
+    ],
+)
+def test_checkpoint_of_another_run_is_a_clear_error(runs, fashion, tmp_path, overrides, expected):
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["root"] / "flat", workdir)
+    config = small_config(num_epochs=3, **overrides)
+    with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+        train.train_and_evaluate(config, workdir, dataset=fashion)
+    message = str(info.value)
+    assert expected in message
+    assert "fresh --workdir" in message

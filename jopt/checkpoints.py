@@ -1,0 +1,185 @@
+"""Checkpoints: a training run's state saved every epoch with orbax, checked when restored.
+
+A checkpoint is one orbax step directory ``workdir/checkpoints/<epoch>`` with two
+items: ``state`` (the train state pytree: parameters, optimizer state, step) and
+``meta`` (JSON: the epoch, the full config, the run's *identity* and the structure
+of the state). Orbax writes a step into a temporary directory and renames it when
+complete, so a run killed at any moment leaves only whole checkpoints behind.
+
+Restoring first compares the checkpoint's identity - the model, the optimizer and
+its state storage, flat or tree parameters, the data set - and the state's
+structure with what the current config would build, and raises
+:class:`CheckpointMismatchError` naming both sides instead of failing deep inside
+orbax (or silently loading parameters into the wrong model). Other keys (learning
+rate, number of epochs, ...) may change between runs: that is how a run is extended.
+
+Example:
+  >>> import jax.numpy as jnp, ml_collections, tempfile
+  >>> from jopt import checkpoints
+  >>> config = ml_collections.ConfigDict({"model": {"name": "mlp"}, "dataset": "mnist",
+  ...     "flat_params": True, "optimizer": {"name": "adam", "state_storage": None}})
+  >>> state = {"w": jnp.ones(3)}
+  >>> workdir = tempfile.mkdtemp()
+  >>> with checkpoints.manager(workdir, keep=2) as mngr:
+  ...     checkpoints.save(mngr, 1, state, config)
+  ...     restored, meta = checkpoints.restore_latest(mngr, state, config)
+  >>> meta["epoch"], restored["w"].tolist()
+  (1, [1.0, 1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointMismatchError",
+    "describe_state",
+    "manager",
+    "read_meta",
+    "restore_latest",
+    "run_identity",
+    "save",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to another model, optimizer or state layout than the config."""
+
+
+def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` keeping the last ``keep``.
+
+    Saving is synchronous: the state is small, and a save that returned is on disk.
+    Use it as a context manager (or call ``close()``).
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config values a checkpoint is only valid for (see the module docstring)."""
+    model = config.model.to_dict()
+    return {
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(model.items())},
+        "optimizer": config.optimizer.name,
+        "state_storage": config.optimizer.state_storage,
+        "flat_params": config.flat_params,
+        "dataset": config.dataset,
+    }
+
+
+def describe_state(state: Any) -> list[str]:
+    """One ``"path: dtype[shape]"`` line per leaf of a state (arrays or shape structs)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    return [f"{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}"
+            for path, leaf in leaves]
+
+
+def save(mngr: ocp.CheckpointManager, epoch: int, state: Any,
+         config: ml_collections.ConfigDict, **extra: Any) -> None:
+    """Saves ``state`` as the checkpoint of ``epoch`` (old ones beyond ``keep`` are deleted).
+
+    Args:
+      mngr: from :func:`manager`.
+      epoch: the checkpoint's step number.
+      state: the pytree to save.
+      config: the run's config, stored whole in the meta record.
+      **extra: more JSON-serialisable meta entries.
+    """
+    meta = {
+        **extra,
+        "epoch": int(epoch),
+        "identity": run_identity(config),
+        "state_structure": describe_state(state),
+        "config": config.to_dict(),
+    }
+    mngr.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def read_meta(mngr: ocp.CheckpointManager, epoch: int | None = None) -> dict[str, Any] | None:
+    """The meta record of checkpoint ``epoch`` (default: the latest); None if there is none."""
+    epoch = mngr.latest_step() if epoch is None else epoch
+    if epoch is None:
+        return None
+    restored = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored.meta
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like: Any,
+                   config: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the latest checkpoint into the structure of ``like``.
+
+    Args:
+      mngr: from :func:`manager`.
+      like: a state (or its ``jax.ShapeDtypeStruct``s) with the structure, shapes
+        and dtypes the config builds.
+      config: the current run's config.
+
+    Returns:
+      ``(state, meta)``, or None when there is no checkpoint.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint belongs to another model, optimizer,
+        state storage, parameter layout or data set, or its state has another structure.
+    """
+    meta = read_meta(mngr)
+    if meta is None:
+        return None
+    where = f"{mngr.directory}/{meta['epoch']}"
+    _check_identity(meta["identity"], run_identity(config), where)
+    _check_structure(meta["state_structure"], describe_state(like), where)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = mngr.restore(meta["epoch"], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return restored.state, meta
+
+
+_FIX = ("Use a fresh --workdir for this config, or set those keys back to the "
+        "checkpoint's values to resume it.")
+
+
+def _check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    keys = {"model": "config.model", "optimizer": "config.optimizer.name",
+            "state_storage": "config.optimizer.state_storage",
+            "flat_params": "config.flat_params", "dataset": "config.dataset"}
+    differences = [
+        f"  {keys[k]}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
+        for k in keys if saved.get(k) != current[k]
+    ]
+    if differences:
+        raise CheckpointMismatchError(
+            f"The checkpoint {where} belongs to another run:\n" + "\n".join(differences)
+            + f"\n(checkpoint: {_summary(saved)}; config: {_summary(current)}).\n" + _FIX
+        )
+
+
+def _summary(identity: Mapping[str, Any]) -> str:
+    model = identity.get("model", {})
+    return (f"model {model.get('name')} {model.get('hidden_sizes')}, optimizer "
+            f"{identity.get('optimizer')} with state_storage={identity.get('state_storage')}")
+
+
+def _check_structure(saved: list[str], current: list[str], where: str) -> None:
+    if saved == current:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b),
+                 min(len(saved), len(current)))
+    show = lambda lines: lines[first] if first < len(lines) else "(nothing)"  # noqa: E731
+    raise CheckpointMismatchError(
+        f"The checkpoint {where} holds a train state of another structure than this "
+        f"config builds ({len(saved)} vs {len(current)} arrays; first difference: "
+        f"checkpoint {show(saved)!r}, config {show(current)!r}). An optimizer "
+        f"hyper-parameter that adds or removes state (momentum, amsgrad, centered, "
+        f"clip_global_norm) or the model size probably changed. " + _FIX
+    )
