@@ -1,8 +1,11 @@
-"""The ``jopt`` command line: ``jopt train`` over :mod:`jopt.train`.
+"""The ``jopt`` command line: ``jopt train`` and ``jopt eval`` over :mod:`jopt.train`.
 
 A thin layer, as in the Flax examples: it loads a config file, applies
-``--config.<key>=<value>`` overrides, and calls :func:`jopt.train.train_and_evaluate`.
-Run ``jopt --help`` or ``jopt train --help`` for the usage.
+``--config.<key>=<value>`` overrides, and calls :func:`jopt.train.train_and_evaluate`
+or :func:`jopt.train.evaluate_checkpoint`. Run ``jopt --help`` or ``jopt train
+--help`` for the usage. Errors the user can fix (a bad config key or value, a
+checkpoint of another run in the workdir, missing data) are printed as one message
+with exit status 2, without a traceback.
 
 Config files are Python files with a ``get_config()`` function returning an
 ``ml_collections.ConfigDict`` (see ``configs/``). They are loaded by path with
@@ -31,18 +34,20 @@ from typing import Any
 
 import ml_collections
 
-__all__ = ["ConfigOverrideError", "apply_overrides", "load_config", "main"]
+__all__ = ["ConfigFileError", "ConfigOverrideError", "apply_overrides", "load_config", "main"]
 
 _DESCRIPTION = """\
 jopt: train and evaluate Flax models with jopt optimizers.
 
 commands:
-  train   train a model from a config file
+  train   train a model from a config file; resumes if WORKDIR holds checkpoints
+  eval    evaluate the last checkpoint in WORKDIR on the test set
 
 examples:
   jopt train --config configs/default.py --workdir runs/mnist
   jopt train --config configs/fashion_mnist_mlp.py --workdir runs/fmnist \\
       --config.optimizer.learning_rate=3e-4 --config.num_epochs=10
+  jopt eval --workdir runs/fmnist
 """
 
 _TRAIN_EPILOG = """\
@@ -59,7 +64,14 @@ config overrides:
 outputs in WORKDIR:
   metrics.jsonl   one JSON record per epoch (losses, accuracies, epoch time)
   curves.png      loss and accuracy per epoch
+  config.json     the config of the run
+  checkpoints/    the last config.checkpoint_keep epochs (orbax); running the
+                  same command again resumes from the last one
 """
+
+
+class ConfigFileError(ValueError):
+    """A config file has no ``get_config()``, or it returns no ``ConfigDict``."""
 
 
 class ConfigOverrideError(ValueError):
@@ -78,7 +90,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: the file has no ``get_config()``, or it does not return a ConfigDict.
+      ConfigFileError: the file has no ``get_config()``, or it returns no ConfigDict.
       ConfigOverrideError: an override names no key or has a value of the wrong type.
     """
     path = Path(path)
@@ -89,10 +101,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"Config file {path} must define get_config() returning a ConfigDict.")
+        raise ConfigFileError(
+            f"Config file {path} must define get_config() returning a ConfigDict.")
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict.")
+        raise ConfigFileError(
+            f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict.")
     config.lock()
     apply_overrides(config, overrides)
     return config
@@ -150,7 +164,7 @@ def _parse_value(key: str, raw: str, kind: type) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         raise ConfigOverrideError(
-            f"{key} expects a {kind.__name__}, and {raw!r} is not one.") from None
+            f"{key} must be of type {kind.__name__}; {raw!r} is not.") from None
     if kind is tuple and not isinstance(value, (tuple, list)):
         value = (value,)
     if kind is tuple:
@@ -159,25 +173,33 @@ def _parse_value(key: str, raw: str, kind: type) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigOverrideError(
-            f"{key} expects a {kind.__name__}, got {raw!r} ({type(value).__name__}).")
+            f"{key} must be of type {kind.__name__}; got {raw!r} ({type(value).__name__}).")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jopt", description=_DESCRIPTION,
+        prog="jopt", description=_DESCRIPTION, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = commands.add_parser(
-        "train", help="train a model from a config file",
+        "train", help="train a model from a config file (resumes from WORKDIR's checkpoints)",
         description="Train a model from a config file, evaluating on the test set after "
-                    "every epoch.",
+                    "every epoch. Running it again on the same WORKDIR resumes.",
         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         usage="jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
     train.add_argument("--config", required=True, metavar="FILE",
                        help="Python file with get_config(), e.g. configs/default.py")
     train.add_argument("--workdir", required=True, metavar="DIR",
                        help="output directory (metrics, curves, checkpoints)")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate the last checkpoint in WORKDIR on the test set",
+        description="Evaluate the last checkpoint in WORKDIR on the test set, with the "
+                    "config saved there, and print the test loss and accuracy.",
+        allow_abbrev=False)
+    evaluate.add_argument("--workdir", required=True, metavar="DIR",
+                          help="directory of a `jopt train` run")
     return parser
 
 
@@ -191,12 +213,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
 
-    from jopt import train  # Imports jax: keep --help fast.
+    # Imported here, not at the top: they import jax, and --help should be instant.
+    from jopt import checkpoints, data, train
 
+    user_errors = (ConfigFileError, ConfigOverrideError, train.ConfigError, checkpoints.CheckpointMismatchError,
+                   data.DatasetNotFoundError, FileNotFoundError)
     try:
-        config = load_config(args.config, overrides)
-        train.train_and_evaluate(config, args.workdir)
-    except (ValueError, FileNotFoundError) as e:
+        if args.command == "train":
+            config = load_config(args.config, overrides)
+            train.train_and_evaluate(config, args.workdir)
+        else:
+            metrics = train.evaluate_checkpoint(args.workdir)
+            print(f"test_loss {metrics['test_loss']:.4f}  "
+                  f"test_accuracy {100 * metrics['test_accuracy']:.2f}%  "
+                  f"(epoch {metrics['epoch']}, {args.workdir})")
+    except user_errors as e:
         print(f"jopt {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,117 @@
+"""Tests of the `jopt` command line: a smoke run on real Fashion-MNIST, eval, errors, help."""
+
+import json
+import pathlib
+
+import pytest
+
+from jopt import cli
+
+DEFAULT_CONFIG = str(pathlib.Path(__file__).parents[1] / "configs" / "default.py")
+SMALL = ["--config.dataset=fashion_mnist", "--config.num_epochs=1", "--config.batch_size=64",
+         "--config.train_subset=1024", "--config.test_subset=500"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short epoch on real Fashion-MNIST through `jopt train`."""
+    workdir = tmp_path_factory.mktemp("cli_run")
+    status = cli.main(["train", "--config", DEFAULT_CONFIG, "--workdir", str(workdir), *SMALL])
+    return status, workdir
+
+
+def test_train_smoke_run_writes_metrics_curves_and_checkpoint(trained):
+    status, workdir = trained
+    assert status == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] == 16
+    assert records[0]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert (workdir / "curves.png").stat().st_size > 1000
+    assert (workdir / "checkpoints" / "1").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["dataset"] == "fashion_mnist"
+
+
+def test_eval_prints_and_returns_the_checkpoint_metrics(trained, capsys):
+    status, workdir = trained
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"test_accuracy {100 * record['test_accuracy']:.2f}%" in out
+    assert f"test_loss {record['test_loss']:.4f}" in out
+
+
+def test_eval_without_checkpoint_says_how_to_fix_it(tmp_path, capsys):
+    assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No checkpoint in" in err and "jopt train --config" in err
+
+
+def test_rerun_of_a_finished_run_resumes_without_duplicate_epochs(trained, capsys):
+    status, workdir = trained
+    assert cli.main(["train", "--config", DEFAULT_CONFIG, "--workdir", str(workdir), *SMALL]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.optimizer.lerning_rate=1e-3", "Unknown config key config.optimizer.lerning_rate"),
+        ("--config.optimzer.name=sgd", "Unknown config key config.optimzer"),
+        ("--config.num_epochs=ten", "config.num_epochs must be of type int; 'ten' is not"),
+        ("--config.num_epochs=2.5", "config.num_epochs must be of type int; got '2.5' (float)"),
+        ("--config.flat_params=maybe", "config.flat_params is a bool"),
+        ("--config.optimizer.name=adamx", "config.optimizer.name='adamx' is not supported"),
+        ("--config.optimizer.momentum=0.9", "config.optimizer.momentum=0.9 is not a hyper-parameter"),
+    ],
+)
+def test_bad_override_is_an_error_naming_the_key(tmp_path, capsys, override, message):
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path), override]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()  # failed before any work
+
+
+def test_overrides_are_typed():
+    config = cli.load_config(DEFAULT_CONFIG, [
+        "--config.optimizer.learning_rate=3e-4", "--config.num_epochs=7",
+        "--config.model.hidden_sizes=128,32", "--config.flat_params=false",
+        "--config.optimizer.state_storage=int8", "--config.train_subset=100",
+        "--config.optimizer.b1=1",
+    ])
+    assert config.optimizer.learning_rate == 3e-4
+    assert config.num_epochs == 7
+    assert tuple(config.model.hidden_sizes) == (128, 32)
+    assert config.flat_params is False
+    assert config.optimizer.state_storage == "int8"
+    assert config.train_subset == 100
+    assert config.optimizer.b1 == 1.0 and isinstance(config.optimizer.b1, float)
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("train", "eval", "jopt train --config configs/default.py --workdir runs/mnist"):
+        assert text in out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]" in out
+    assert "--config.optimizer.name=adamw" in out and "metrics.jsonl" in out
+
+
+def test_unknown_arguments_and_missing_files(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path), "--epochs=3"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --epochs=3" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)]) == 2
+    assert "nope.py does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    assert cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path)]) == 2
+    assert "must define get_config()" in capsys.readouterr().err
