@@ -114,7 +114,8 @@ def dense_file_size(params) -> int:
     return file_size(pruning.save_sparse, pruning.strip(params, format="dense"))
 
 
-def run_seed(dataset, seed: int, epochs: int, batch_size: int, only: set[str] | None):
+def run_seed(dataset, seed: int, epochs: int, batch_size: int, only: set[str] | None,
+             prune_window: tuple[float, float] = (0.2, 0.8)):
     rows: dict[str, dict] = {}
     steps = epochs * (len(dataset.train_images) // batch_size)
 
@@ -142,8 +143,9 @@ def run_seed(dataset, seed: int, epochs: int, batch_size: int, only: set[str] | 
             "compression": report["ratio"], "weight_compression": report["weight_ratio"],
         }
 
-    # Prune from 20% to 80% of training (Zhu & Gupta), then fine-tune at the final sparsity.
-    begin, end = int(0.2 * steps), int(0.8 * steps)
+    # By default prune from 20% to 80% of training (Zhu & Gupta's gradual schedule), then
+    # fine-tune at the final sparsity.
+    begin, end = (int(fraction * steps) for fraction in prune_window)
     pruned = {
         "pruned 90% per-layer": dict(schedule=pruning.polynomial_decay(
             0.0, 0.9, begin, end, frequency=50)),
@@ -222,13 +224,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="row names to run (float32 always runs)")
     parser.add_argument("--train-size", type=int, default=None, help="subset for quick runs")
+    parser.add_argument("--prune-window", type=float, nargs=2, default=(0.2, 0.8),
+                        metavar=("BEGIN", "END"),
+                        help="fractions of training where the polynomial schedule prunes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     dataset = data_lib.load("fashion_mnist")
     if args.train_size:
         dataset = data_lib.subset(dataset, train=args.train_size)
     only = set(args.only) if args.only else None
-    per_seed = [run_seed(dataset, seed, args.epochs, args.batch_size, only) for seed in args.seeds]
+    per_seed = [run_seed(dataset, seed, args.epochs, args.batch_size, only,
+                         tuple(args.prune_window)) for seed in args.seeds]
     summary = summarize(per_seed)
     if args.json:
         json.dump({"config": vars(args), "results": summary}, sys.stdout, indent=2)

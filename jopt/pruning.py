@@ -552,7 +552,10 @@ def prune(
             return compute_masks(params, None if n_m else target, granularity=granularity,
                                  structure=structure, prunable=prunable)
 
-        masks = jax.lax.cond(should_update, recompute, lambda: state.masks)
+        if isinstance(should_update, jax.core.Tracer):
+            masks = jax.lax.cond(should_update, recompute, lambda: state.masks)
+        else:  # eager call: skip tracing both branches of a cond
+            masks = recompute() if bool(should_update) else state.masks
         grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), updates, masks)
         inner_updates, inner_state = inner.update(
             grads, state.inner_state, params, **extra_args)

@@ -257,7 +257,9 @@ class QuantDense(nn.Module):
       weights: weight mode (``"int8"``, ``"int4"``, ``"ternary"``, ``"binary"``)
         or None for float weights.
       activations: ``"int8"`` to fake-quantize the input per row, or None.
-      use_bias: add a float32 bias (biases are not quantized).
+      use_bias: add a bias (biases are not quantized).
+      dtype: computation dtype (None: promote input and parameters), as in ``nn.Dense``.
+      param_dtype: parameter dtype, as in ``nn.Dense``.
       kernel_init: as in ``nn.Dense``.
       bias_init: as in ``nn.Dense``.
 
@@ -274,6 +276,8 @@ class QuantDense(nn.Module):
     weights: str | int | None = "int8"
     activations: str | None = None
     use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
 
@@ -284,15 +288,16 @@ class QuantDense(nn.Module):
                 f"activations must be None or 'int8', got {self.activations!r}."
             )
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features),
-                            jnp.float32)
-        if self.weights is not None:
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        if self.weights is not None:  # quantized in float32, then cast to the compute dtype
             kernel = fake_quantize(kernel, self.weights)
         if self.activations == "int8":
             x = fake_quantize_activations(x)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        return y
+        return y if bias is None else y + bias
 
 
 # --------------------------------------------------------------------------- PTQ
@@ -413,8 +418,8 @@ def _int8_dense_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     y = int8_matmul(args[0], kernel)
     if module.use_bias:
-        y = y + module.get_variable("params", "bias")
-    return y
+        y = y + module.get_variable("params", "bias").astype(jnp.float32)
+    return y if module.dtype is None else y.astype(module.dtype)
 
 
 def quantized_apply(model: nn.Module, qparams: Any, *args, **kwargs) -> Any:

@@ -230,14 +230,17 @@ def test_prune_on_flat_params_matches_tree():
     flat = FlatParams.pack(params, pad_multiple=8)
     grads = jax.tree.map(jnp.ones_like, params)
     tx = pruning.prune(jopt.adam(0.1), pruning.constant_sparsity(0.6, frequency=2))
-    tree_state, flat_state = tx.init(params), tx.init(flat)
-    tree_params, flat_params = params, flat
-    for _ in range(4):
-        updates, tree_state = tx.update(grads, tree_state, tree_params)
-        tree_params = jopt.apply_updates(tree_params, updates)
-        flat_updates, flat_state = tx.update(FlatParams.pack(grads, pad_multiple=8),
-                                             flat_state, flat_params)
-        flat_params = jopt.apply_updates(flat_params, flat_updates)
+
+    @jax.jit
+    def run(params, grads):
+        def step(carry, _):
+            params, state = carry
+            updates, state = tx.update(grads, state, params)
+            return (jopt.apply_updates(params, updates), state), None
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=4)[0]
+
+    tree_params, tree_state = run(params, grads)
+    flat_params, flat_state = run(flat, FlatParams.pack(grads, pad_multiple=8))
     assert isinstance(flat_state.masks, FlatParams)
     jax.tree.map(np.testing.assert_array_equal, flat_state.masks.unpack(), tree_state.masks)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),

@@ -102,9 +102,9 @@ def test_quant_dense_errors_and_param_names():
     jax.tree.map(np.testing.assert_array_equal, quantized, plain)
 
 
-@pytest.mark.parametrize("mode", ["int4", "binary"])
-def test_quantization_aware_training_learns(mode):
-    """QAT of a tiny classifier on separable data: gradients reach the float weights."""
+def test_quantization_aware_training_learns():
+    """QAT of a tiny binary-weight classifier: straight-through gradients train it."""
+    mode = "binary"
     x = jax.random.normal(jax.random.key(0), (256, 8))
     y = jnp.argmax(x[:, :3], axis=-1)
     model = _MLP(weights=mode, activations="int8")
