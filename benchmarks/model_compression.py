@@ -102,7 +102,7 @@ def float_predict(model):
 
 
 def int_predict(model):
-    return lambda qparams, x: quantization.quantized_apply(model, qparams, x)
+    return lambda qparams, x: quantization.quantized_apply(model, {"params": qparams}, x)
 
 
 def file_size(save: Callable, tree) -> int:

@@ -32,12 +32,12 @@ Example:
   >>> from jopt import quantization
   >>> model = nn.Dense(3)
   >>> x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
-  >>> params = model.init(jax.random.key(0), x)["params"]
-  >>> qparams = quantization.quantize_params(params)
-  >>> qparams["kernel"].codes.dtype
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> qvariables = quantization.quantize_params(variables)
+  >>> qvariables["params"]["kernel"].codes.dtype
   dtype('int8')
-  >>> y = quantization.quantized_apply(model, qparams, x)
-  >>> bool(jnp.allclose(y, model.apply({"params": params}, x), atol=0.05))
+  >>> y = quantization.quantized_apply(model, qvariables, x)
+  >>> bool(jnp.allclose(y, model.apply(variables, x), atol=0.05))
   True
 
 References:
@@ -360,7 +360,7 @@ def quantize_params(params: Any, mode: str | int = "int8", *, include: Any = Non
     """Post-training quantization of a float params tree.
 
     Args:
-      params: e.g. the ``"params"`` collection of a trained Flax model.
+      params: a trained params tree (or Flax variables ``{"params": ...}``).
       mode: see :func:`quantize`.
       include: a tree of bools like ``params`` or a function returning one;
         default: arrays with ndim >= 2 (kernels). Other leaves stay float.
@@ -422,22 +422,22 @@ def _int8_dense_interceptor(next_fun, args, kwargs, context):
     return y if module.dtype is None else y.astype(module.dtype)
 
 
-def quantized_apply(model: nn.Module, qparams: Any, *args, **kwargs) -> Any:
-    """Runs a Flax Linen model with :func:`quantize_params` output, in integer arithmetic.
+def quantized_apply(model: nn.Module, variables: Any, *args, **kwargs) -> Any:
+    """``model.apply`` for :func:`quantize_params` output, in integer arithmetic.
 
     Every ``nn.Dense`` / :class:`QuantDense` whose kernel is a
     :class:`QuantizedTensor` runs :func:`int8_matmul` (intercepted with
-    ``flax.linen.intercept_methods``); everything else runs as usual. Jit it like
-    ``model.apply``.
+    ``flax.linen.intercept_methods``); everything else (convolutions, float
+    kernels) runs as usual. Jit it like ``model.apply``.
 
     Args:
-      model: the Linen module the params were trained with.
-      qparams: the quantized ``"params"`` collection.
+      model: the Linen module the variables were trained with.
+      variables: as for ``model.apply`` (``{"params": ...}``), kernels quantized.
       *args: forwarded to ``model.apply``.
       **kwargs: forwarded to ``model.apply``.
     """
     with nn.intercept_methods(_int8_dense_interceptor):
-        return model.apply({"params": qparams}, *args, **kwargs)
+        return model.apply(variables, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- sizes & files

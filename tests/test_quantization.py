@@ -127,7 +127,7 @@ def test_quantization_aware_training_learns():
     (params, _), losses = train(params)
     assert losses[-1] < 0.5 * losses[0]
     qparams = quantization.quantize_params(params, mode)
-    logits = quantization.quantized_apply(model, qparams, x)
+    logits = quantization.quantized_apply(model, {"params": qparams}, x)
     assert float(jnp.mean(jnp.argmax(logits, -1) == y)) > 0.85
 
 
@@ -164,14 +164,15 @@ def test_quantized_apply_on_a_flax_model():
     qparams = quantization.quantize_params(params)
     assert isinstance(qparams["hidden"]["kernel"], QuantizedTensor)
     assert qparams["hidden"]["bias"].dtype == jnp.float32
-    y = jax.jit(lambda p, x: quantization.quantized_apply(model, p, x))(qparams, x)
+    y = jax.jit(lambda p, x: quantization.quantized_apply(model, {"params": p}, x))(qparams, x)
     reference = model.apply({"params": params}, x)
     np.testing.assert_allclose(y, reference, atol=0.03 * float(jnp.abs(reference).max()))
-    text = jax.jit(lambda p, x: quantization.quantized_apply(model, p, x)).lower(
-        qparams, x).as_text()
+    text = jax.jit(lambda v, x: quantization.quantized_apply(model, v, x)).lower(
+        {"params": qparams}, x).as_text()
     assert len(re.findall(r"xi8>\) -> tensor<\d+x\d+xi32>", text)) == 2
     # Float params through quantized_apply are the plain float model.
-    np.testing.assert_allclose(quantization.quantized_apply(model, params, x), reference)
+    np.testing.assert_allclose(
+        quantization.quantized_apply(model, {"params": params}, x), reference)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -185,7 +186,7 @@ def test_qat_model_and_integer_inference_agree(mode):
         qparams["hidden"]["kernel"].dequantize(),
         quantization.fake_quantize(params["hidden"]["kernel"], mode), rtol=1e-6)
     fake = model.apply({"params": params}, x)
-    real = quantization.quantized_apply(model, qparams, x)
+    real = quantization.quantized_apply(model, {"params": qparams}, x)
     np.testing.assert_allclose(real, fake, rtol=1e-4, atol=1e-4)
 
 
