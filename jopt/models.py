@@ -15,6 +15,11 @@ the parameters' dtype): with ``dtype=jnp.bfloat16`` the float32 parameters and t
 inputs are cast to bfloat16 inside each layer (mixed precision), and the gradients
 still arrive in float32.
 
+``quantize_weights`` / ``quantize_activations`` turn on quantization-aware training:
+the dense layers become :class:`jopt.quantization.QuantDense` (same parameter names
+and shapes, fake-quantized kernels with straight-through gradients), so the trained
+tree exports with :func:`jopt.quantization.quantize_params`. Convolutions stay float.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jopt.models import MLP
@@ -35,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jopt.quantization import QuantDense
+
 __all__ = ["CNN", "MLP", "num_params"]
 
 
@@ -48,22 +55,31 @@ class MLP(nn.Module):
       num_classes: number of output logits.
       dtype: computation dtype (``None``: the parameters' dtype).
       param_dtype: dtype the parameters are created in.
+      quantize_weights: QAT weight mode (``"int8"``, ``"int4"``, ``"ternary"``,
+        ``"binary"``) or ``None`` for float weights.
+      quantize_activations: ``"int8"`` to fake-quantize each layer's input, or ``None``.
     """
 
     hidden_sizes: Sequence[int] = (64, 64)
     num_classes: int = 10
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    quantize_weights: str | None = None
+    quantize_activations: str | None = None
 
     @nn.compact
     def __call__(self, images):
         x = images.reshape((images.shape[0], -1))
         for i, size in enumerate(self.hidden_sizes):
-            x = nn.Dense(size, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name=f"hidden_{i}")(x)
-            x = nn.relu(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="logits")(x)
+            x = nn.relu(self._dense(size, f"hidden_{i}")(x))
+        return self._dense(self.num_classes, "logits")(x)
+
+    def _dense(self, features: int, name: str) -> nn.Module:
+        if self.quantize_weights is None and self.quantize_activations is None:
+            return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return QuantDense(features, weights=self.quantize_weights,
+                          activations=self.quantize_activations, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
 
 
 class CNN(nn.Module):
@@ -79,6 +95,8 @@ class CNN(nn.Module):
       num_classes: number of output logits.
       dtype: computation dtype (``None``: the parameters' dtype).
       param_dtype: dtype the parameters are created in.
+      quantize_weights: QAT weight mode of the dense head (see :class:`MLP`).
+      quantize_activations: QAT activation mode of the dense head.
     """
 
     conv_features: Sequence[int] = (32, 64)
@@ -86,6 +104,8 @@ class CNN(nn.Module):
     num_classes: int = 10
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    quantize_weights: str | None = None
+    quantize_activations: str | None = None
 
     @nn.compact
     def __call__(self, images):
@@ -95,7 +115,8 @@ class CNN(nn.Module):
                         name=f"conv_{i}")(x)
             x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
         head = MLP(tuple(self.hidden_sizes), self.num_classes, self.dtype,
-                   self.param_dtype, name="head")
+                   self.param_dtype, self.quantize_weights, self.quantize_activations,
+                   name="head")
         return head(x)
 
 
