@@ -1017,7 +1017,6 @@ def notebook_04() -> list[nbformat.NotebookNode]:
             import functools
             import tempfile
 
-            import flax.linen as nn
             import jax
             import jax.numpy as jnp
             import matplotlib.pyplot as plt
@@ -1199,32 +1198,17 @@ def notebook_04() -> list[nbformat.NotebookNode]:
                       f"weights {sizes['weight_ratio']:.1f}x)")
         '''),
         md(r'''
-            **Quantization-aware training.** A model built from `quantization.QuantDense`
-            computes its forward pass with the quantized weights, $\hat w = s\,q(w/s)$, and its
-            backward pass with the straight-through estimator ($\partial \hat w / \partial w = 1$
-            inside the clipping range): the float weights keep learning while the network learns
-            to live with the rounding. Its parameters are named like `nn.Dense`'s, so the same
-            `quantize_params` / `quantized_apply` export it.
+            **Quantization-aware training.** `MLP(quantize_weights=mode)` builds the same network
+            from `quantization.QuantDense` layers: the forward pass uses the quantized weights,
+            $\hat w = s\,q(w/s)$, and the backward pass the straight-through estimator
+            ($\partial \hat w / \partial w = 1$ inside the clipping range), so the float weights
+            keep learning while the network learns to live with the rounding. Its parameters are
+            named like `nn.Dense`'s, so the same `quantize_params` / `quantized_apply` export it.
         '''),
         code(r'''
-            class QATMLP(nn.Module):
-                """The MLP with fake-quantized weights (QuantDense in place of nn.Dense)."""
-
-                weights: str
-                hidden_sizes: tuple[int, ...] = (64, 64)
-
-                @nn.compact
-                def __call__(self, images):
-                    x = images.reshape((images.shape[0], -1))
-                    for i, size in enumerate(self.hidden_sizes):
-                        x = nn.relu(quantization.QuantDense(size, weights=self.weights,
-                                                            name=f"hidden_{i}")(x))
-                    return quantization.QuantDense(10, weights=self.weights, name="logits")(x)
-
-
             qat = {}
             for mode in (["ternary"] if SMALL else ["int4", "ternary", "binary"]):
-                qat_model = QATMLP(mode)
+                qat_model = MLP(quantize_weights=mode)  # QuantDense layers in place of nn.Dense
                 qat_params = unflatten(fit(qat_model, jopt.adam(config.optimizer.learning_rate)).params)
                 qvariables = quantization.quantize_params(qat_params, mode)
                 sizes = quantization.size_report(qat_params, qvariables)
