@@ -33,9 +33,9 @@ while the parameters (and so the optimizer) stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -305,17 +305,47 @@ def create_optimizer(
 # --------------------------------------------------------------------------- step
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _unpack(layout, buffers):
+    return FlatParams(buffers, layout).unpack()
+
+
+def _unpack_fwd(layout, buffers):
+    return _unpack(layout, buffers), None
+
+
+def _unpack_bwd(layout, _, cotangents):
+    # The transpose of each slice is a zero-padded full-size buffer; summing those
+    # costs one pass over the whole buffer per leaf (XLA does not turn that chain
+    # of pads and adds into a concatenation). Concatenating the leaf gradients is
+    # the same result in one pass.
+    leaves = layout.treedef.flatten_up_to(cotangents)
+    buffers = {}
+    for dtype, size in zip(layout.dtypes, layout.sizes):
+        parts = [leaf.reshape(-1).astype(dtype)
+                 for leaf, slot in zip(leaves, layout.slots) if slot.dtype == dtype]
+        padding = size - sum(part.size for part in parts)
+        if padding:
+            parts.append(jnp.zeros([padding], dtype))
+        buffers[dtype] = jnp.concatenate(parts)
+    return (buffers,)
+
+
+_unpack.defvjp(_unpack_fwd, _unpack_bwd)
+
+
 def make_apply_fn(model: nn.Module, compute_dtype: Any = jnp.float32) -> ApplyFn:
     """``apply(params, images) -> logits``: the model on raw uint8 images.
 
     Images are scaled to ``[0, 1]`` in ``compute_dtype`` on the device; flat params
-    are unpacked (free slicing under ``jit``); logits come back in float32 so the
-    loss is computed in full precision whatever the compute dtype.
+    are unpacked (free slicing under ``jit``; the gradient flows back into the
+    buffers as one concatenation); logits come back in float32 so the loss is
+    computed in full precision whatever the compute dtype.
     """
 
     def apply(params, images):
         if isinstance(params, FlatParams):
-            params = params.unpack()
+            params = _unpack(params.layout, params.buffers)
         x = images.astype(compute_dtype) * (1.0 / 255.0)
         return model.apply(params, x).astype(jnp.float32)
 
@@ -359,12 +389,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
 def shuffle_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
     """Batch indices ``int32[num_examples // batch_size, batch_size]`` of a random permutation.
 
-    The last ``num_examples % batch_size`` examples of the permutation (a different
-    set each epoch) are dropped, so every step sees a full batch.
+    The permutation sorts the indices by random 32-bit keys: one sort, where
+    ``jax.random.permutation`` does two or more to make ties between keys
+    impossible rather than merely rare (a tie, expected about ``n²/2³³`` times,
+    leaves two examples in their original order - immaterial for shuffling, and
+    the sort is most of the cost). The last ``num_examples % batch_size``
+    examples of the permutation (a different set each epoch) are dropped, so
+    every step sees a full batch.
     """
     steps = num_examples // batch_size
-    permutation = jax.random.permutation(key, num_examples)
-    return permutation[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+    random_keys = jax.random.bits(key, (num_examples,), jnp.uint32)
+    _, permutation = jax.lax.sort_key_val(random_keys, jnp.arange(num_examples, dtype=jnp.int32))
+    return permutation[: steps * batch_size].reshape(steps, batch_size)
 
 
 def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
@@ -525,6 +561,33 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+def _resume(checkpoint_manager, state: TrainState, config, metrics_path: Path):
+    """``(state, last finished epoch, history)`` from ``workdir``'s latest checkpoint."""
+    restored = checkpoints.restore_latest(checkpoint_manager, state, config)
+    start_epoch = 0
+    if restored is not None:
+        state, meta = restored
+        start_epoch = meta["epoch"]
+        tqdm.write(f"Resuming from {checkpoint_manager.directory}/{start_epoch}",
+                   file=sys.stdout)
+    history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+    write_metrics(metrics_path, history)
+    return state, start_epoch, history
+
+
+def _run_chunks(epoch_fn, state, images, labels, batch_indices, chunks, epoch):
+    """Runs an epoch's chunks; returns the state, the summed loss and the correct count."""
+    loss_sum, num_correct = 0.0, 0
+    progress = tqdm(chunks, desc=f"epoch {epoch}", unit="chunk", leave=False,
+                    file=sys.stderr, disable=None if len(chunks) > 1 else True)
+    for chunk in progress:
+        state, metrics = epoch_fn(state, images, labels, batch_indices[chunk])
+        loss_sum += metrics["loss_sum"]
+        num_correct += metrics["num_correct"]
+    loss_sum, num_correct = jax.device_get((loss_sum, num_correct))
+    return state, float(loss_sum), int(num_correct)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        *, dataset: data_lib.Dataset | None = None) -> TrainResult:
     """Trains ``config``'s model, evaluating on the test set after every epoch.
@@ -569,41 +632,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     shuffle = jax.jit(shuffle_batches, static_argnums=(1, 2))
     state = init_train_state(config, model, tx, dataset.train_images.shape[1:])
 
-    with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
-        restored = checkpoints.restore_latest(checkpoint_manager, state, config)
-        start_epoch = 0
-        if restored is not None:
-            state, meta = restored
-            start_epoch = meta["epoch"]
-        # A run killed after writing an epoch's metrics but before its checkpoint
-        # redoes that epoch: keep only the records the checkpoint covers.
-        metrics_path = workdir / "metrics.jsonl"
-        history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-        write_metrics(metrics_path, history)
-        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
-        if start_epoch:
-            tqdm.write(f"Resuming from {checkpoint_manager.directory}/{start_epoch}",
-                       file=sys.stdout)
+    train_images = jax.device_put(dataset.train_images)
+    train_labels = jax.device_put(dataset.train_labels)
+    eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
+                                  config.eval_batch_size)
+    chunks = _chunks(steps_per_epoch, config.steps_per_chunk)
+    metrics_path = workdir / "metrics.jsonl"
 
-        train_images = jax.device_put(dataset.train_images)
-        train_labels = jax.device_put(dataset.train_labels)
-        eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
-                                      config.eval_batch_size)
-        chunks = _chunks(steps_per_epoch, config.steps_per_chunk)
+    with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
+        state, start_epoch, history = _resume(checkpoint_manager, state, config, metrics_path)
+        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
                       unit="epoch", initial=start_epoch, total=config.num_epochs,
                       file=sys.stderr, disable=None)
         for epoch in epochs:
             start = time.perf_counter()
             batch_indices = shuffle(epoch_key(config.seed, epoch), num_train, config.batch_size)
-            loss_sum, num_correct = 0.0, 0
-            for chunk in tqdm(chunks, desc=f"epoch {epoch}", unit="chunk", leave=False,
-                              file=sys.stderr, disable=None if len(chunks) > 1 else True):
-                state, chunk_metrics = epoch_fn(state, train_images, train_labels,
-                                                batch_indices[chunk])
-                loss_sum += chunk_metrics["loss_sum"]
-                num_correct += chunk_metrics["num_correct"]
-            loss_sum, num_correct = jax.device_get((loss_sum, num_correct))
+            state, loss_sum, num_correct = _run_chunks(
+                epoch_fn, state, train_images, train_labels, batch_indices, chunks, epoch)
             epoch_time = time.perf_counter() - start
 
             start = time.perf_counter()
@@ -611,14 +657,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
-                "train_loss": float(loss_sum) / steps_per_epoch,
-                "train_accuracy": float(num_correct) / (steps_per_epoch * config.batch_size),
+                "train_loss": loss_sum / steps_per_epoch,
+                "train_accuracy": num_correct / (steps_per_epoch * config.batch_size),
                 "test_loss": float(test["loss"]),
                 "test_accuracy": float(test["accuracy"]),
                 "epoch_time_s": epoch_time,
                 "eval_time_s": time.perf_counter() - start,
             }
             history.append(record)
+            # Metrics before the checkpoint: a run killed in between redoes the
+            # epoch, and _resume drops the record the checkpoint does not cover.
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             plot_curves(history, workdir / "curves.png")
