@@ -1,0 +1,282 @@
+"""Benchmark: one training epoch of the Fashion-MNIST MLP, jopt vs the usual loops.
+
+On the same data (Fashion-MNIST, the full 60k training set) and the same model
+(MLP 784-64(relu)-64(relu)-10, Adam 1e-3, batch 128, last partial batch dropped),
+it times one epoch of:
+
+  (a) jopt     - ``jopt.train``'s loop: uint8 data on the device, one jitted
+                 ``lax.scan`` per epoch, donated state, flat parameters;
+  (b) step     - the usual Flax + optax loop (the Flax MNIST example's way): a
+                 ``@jax.jit`` train step called from Python for each batch, batches
+                 fed as float32 numpy arrays;
+  (c) scan     - Flax + optax with the epoch in one ``lax.scan`` over float32 data
+                 already on the device;
+  (d) torch    - the equivalent PyTorch loop (``torch.set_num_threads`` = cores),
+                 when torch is importable.
+
+Every loop is run once to compile / warm up; then the loops take turns for
+``--repeats`` rounds and each one's best epoch time is kept (best of k: the
+machine may be shared, and turns expose every loop to the same noise). It also
+measures the machine's f32 matmul rate (a jitted 2048x2048 matmul, best of k) and
+reports the fraction of it that jopt's epoch reaches, counting the MLP's FLOPs:
+forward ``2·B·(784·64 + 64·64 + 64·10)`` per step, backward twice that minus the
+first layer's unneeded input gradient.
+
+Usage::
+
+    python benchmarks/train_mnist.py            # table
+    python benchmarks/train_mnist.py --json     # one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jopt import data, train
+from jopt.cli import load_config
+from jopt.models import MLP
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                      "fashion_mnist_mlp.py")
+
+
+def mlp_flops_per_step(batch: int, sizes=(784, 64, 64, 10)) -> int:
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    forward = sum(2 * batch * n_in * n_out for n_in, n_out in layers)
+    weight_grads = forward
+    input_grads = sum(2 * batch * n_in * n_out for n_in, n_out in layers[1:])
+    return forward + weight_grads + input_grads
+
+
+def matmul_peak(repeats: int, n: int = 2048) -> float:
+    """Best f32 matmul rate of a jitted n x n matmul, FLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- (a) jopt
+
+
+def jopt_epoch(dataset, batch_size):
+    config = load_config(CONFIG, [f"--config.batch_size={batch_size}"])
+    num_train = len(dataset.train_images)
+    model = train.create_model(config, dataset.num_classes)
+    tx = train.create_optimizer(config, num_train // batch_size)
+    epoch_fn = train.build_epoch_fn(
+        config, train.make_loss_fn(train.make_apply_fn(model)), tx)
+    shuffle = jax.jit(train.shuffle_batches, static_argnums=(1, 2))
+    state = train.init_train_state(config, model, tx, dataset.train_images.shape[1:])
+    images = jax.device_put(dataset.train_images)
+    labels = jax.device_put(dataset.train_labels)
+    holder = {"state": state, "epoch": 0}
+
+    def run():  # exactly the timed part of an epoch in train_and_evaluate
+        holder["epoch"] += 1
+        indices = shuffle(train.epoch_key(config.seed, holder["epoch"]), num_train, batch_size)
+        holder["state"], metrics = epoch_fn(holder["state"], images, labels, indices)
+        return jax.device_get(metrics)
+
+    return run
+
+
+# --------------------------------------------------------------------------- (b), (c) Flax
+
+
+def _flax_state(batch_size):
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=optax.adam(1e-3))
+
+
+def _flax_loss(params, apply_fn, images, labels):
+    logits = apply_fn(params, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, logits
+
+
+def flax_step_epoch(dataset, batch_size):
+    """The Flax MNIST example's loop: jitted step per batch, float32 numpy batches."""
+    images = (dataset.train_images.astype(np.float32) / 255.0)
+    labels = dataset.train_labels
+    steps = len(images) // batch_size
+
+    @jax.jit
+    def train_step(state, images, labels):
+        (loss, logits), grads = jax.value_and_grad(_flax_loss, has_aux=True)(
+            state.params, state.apply_fn, images, labels)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return state.apply_gradients(grads=grads), loss, accuracy
+
+    holder = {"state": _flax_state(batch_size), "rng": np.random.default_rng(0)}
+
+    def run():
+        perm = holder["rng"].permutation(len(images))[: steps * batch_size]
+        perm = perm.reshape(steps, batch_size)
+        losses, accuracies = [], []
+        state = holder["state"]
+        for batch in perm:
+            state, loss, accuracy = train_step(state, images[batch], labels[batch])
+            losses.append(loss)
+            accuracies.append(accuracy)
+        holder["state"] = state
+        return float(np.mean(losses)), float(np.mean(accuracies))
+
+    return run
+
+
+def flax_scan_epoch(dataset, batch_size):
+    """Flax + optax with the epoch in one lax.scan over float32 data on the device."""
+    images = jax.device_put(dataset.train_images.astype(np.float32) / 255.0)
+    labels = jax.device_put(dataset.train_labels)
+    steps = len(dataset.train_images) // batch_size
+
+    @jax.jit
+    def epoch(state, key):
+        perm = jax.random.permutation(key, images.shape[0])[: steps * batch_size]
+
+        def body(state, batch):
+            (loss, _), grads = jax.value_and_grad(_flax_loss, has_aux=True)(
+                state.params, state.apply_fn, images[batch], labels[batch])
+            return state.apply_gradients(grads=grads), loss
+
+        state, losses = jax.lax.scan(body, state, perm.reshape(steps, batch_size))
+        return state, losses.mean()
+
+    holder = {"state": _flax_state(batch_size), "epoch": 0}
+
+    def run():
+        holder["epoch"] += 1
+        holder["state"], loss = epoch(holder["state"], jax.random.key(holder["epoch"]))
+        return float(loss)
+
+    return run
+
+
+# --------------------------------------------------------------------------- (d) torch
+
+
+def torch_epoch(dataset, batch_size):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    images = torch.from_numpy(dataset.train_images.reshape(len(dataset.train_images), -1)
+                              .astype(np.float32) / 255.0)
+    labels = torch.from_numpy(dataset.train_labels.astype(np.int64))
+    steps = len(images) // batch_size
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        perm = torch.randperm(len(images))
+        total = torch.zeros(())
+        for i in range(steps):
+            batch = perm[i * batch_size:(i + 1) * batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        return float(total) / steps
+
+    return run, torch.__version__
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per loop (best kept)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    dataset = data.load("fashion_mnist")
+    loops = {
+        "jopt": jopt_epoch(dataset, args.batch_size),
+        "flax_optax_step": flax_step_epoch(dataset, args.batch_size),
+        "flax_optax_scan": flax_scan_epoch(dataset, args.batch_size),
+    }
+    torch_version = None
+    if not args.no_torch:
+        try:
+            loops["torch"], torch_version = torch_epoch(dataset, args.batch_size)
+        except ImportError:
+            pass
+
+    first = {name: _timed(run) for name, run in loops.items()}  # compile + warm-up
+    times = {name: [] for name in loops}
+    for _ in range(args.repeats):
+        for name, run in loops.items():
+            times[name].append(_timed(run))
+    best = {name: min(t) for name, t in times.items()}
+
+    peak = matmul_peak(args.repeats)
+    steps = len(dataset.train_images) // args.batch_size
+    flops = steps * mlp_flops_per_step(args.batch_size)
+    result = {
+        "epoch_s": best,
+        "first_epoch_s": first,
+        "all_epoch_s": times,
+        "speedup_vs_flax_optax_step": best["flax_optax_step"] / best["jopt"],
+        "speedup_vs_flax_optax_scan": best["flax_optax_scan"] / best["jopt"],
+        "speedup_vs_torch": best["torch"] / best["jopt"] if "torch" in best else None,
+        "matmul_peak_gflops": peak / 1e9,
+        "jopt_gflops": flops / best["jopt"] / 1e9,
+        "fraction_of_matmul_peak": flops / best["jopt"] / peak,
+        "flops_per_epoch": flops,
+        "steps_per_epoch": steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "device": str(jax.devices()[0]),
+        "machine": platform.processor() or platform.machine(),
+        "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                     "optax": optax.__version__, "torch": torch_version},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"Fashion-MNIST MLP 784-64-64-10, Adam 1e-3, batch {args.batch_size}, "
+          f"{steps} steps/epoch; best of {args.repeats} epochs after a warm-up, "
+          f"{os.cpu_count()} cores, {result['device']}")
+    labels = {"jopt": "(a) jopt", "flax_optax_step": "(b) Flax+optax, jit per step",
+              "flax_optax_scan": "(c) Flax+optax, lax.scan epoch", "torch": "(d) PyTorch"}
+    for name, seconds in best.items():
+        ratio = seconds / best["jopt"]
+        print(f"  {labels[name]:<34} {seconds:7.3f} s/epoch   {ratio:5.2f}x jopt's time   "
+              f"(first epoch {first[name]:.2f} s)")
+    print(f"  matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s; jopt reaches "
+          f"{result['jopt_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul_peak']:.0f}% "
+          f"of it ({flops / 1e9:.2f} GFLOP per epoch)")
+
+
+if __name__ == "__main__":
+    main()
