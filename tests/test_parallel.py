@@ -1,0 +1,263 @@
+"""Tests for jopt.parallel and jopt.distributed on 8 simulated CPU devices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
+
+import jopt
+from jopt import data, distributed, storage
+from jopt.flat import FlatParams
+from jopt.parallel import (
+    DataParallel,
+    check_batch_size,
+    communication_bytes,
+    int8_pmean,
+)
+
+GLOBAL_BATCH = 128
+HIDDEN = 48  # 784-48-10: 38,170 params, so a ZeRO-1 slice on 8 devices (4,864) is int8-quantized
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """Fashion-MNIST, 2,048 training images: one epoch of 16 global batches of 128."""
+    ds = data.subset(data.load("fashion_mnist", download=False), train=2048, test=16)
+    steps = len(ds.train_images) // GLOBAL_BATCH
+    return {"image": ds.train_images.reshape(steps, GLOBAL_BATCH, 28, 28),
+            "label": ds.train_labels.reshape(steps, GLOBAL_BATCH)}
+
+
+def _init_params(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"hidden": {"w": jax.random.normal(k1, (784, HIDDEN)) / 28.0, "b": jnp.zeros(HIDDEN)},
+            "out": {"w": jax.random.normal(k2, (HIDDEN, 10)) / HIDDEN**0.5, "b": jnp.zeros(10)}}
+
+
+def _loss_fn(params, batch):
+    x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32) / 255.0
+    h = jax.nn.relu(x @ params["hidden"]["w"] + params["hidden"]["b"])
+    logits = h @ params["out"]["w"] + params["out"]["b"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+
+def _flat_loss_fn(flat, batch):
+    return _loss_fn(flat.unpack(), batch)
+
+
+def _train(strategy, optimizer, batches, *, params=None, epochs=1, loss_fn=_loss_fn, **kwargs):
+    trainer = DataParallel(loss_fn, optimizer, strategy=strategy, **kwargs)
+    state = trainer.init(_init_params() if params is None else params)
+    for _ in range(epochs):
+        state, metrics = trainer.train_epoch(state, batches)
+    return trainer, state, metrics
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def single_device(batches):
+    """The reference: one device, Adam, one epoch."""
+    trainer, state, metrics = _train("none", jopt.adam(1e-3), batches)
+    return _host(trainer.params(state)), _host(metrics)
+
+
+# ------------------------------------------------------------------ equivalence
+
+
+@pytest.mark.parametrize("strategy", ["pmap", "shard_map", "zero1"])
+def test_data_parallel_matches_single_device(strategy, batches, single_device):
+    assert jax.device_count() == 8
+    trainer, state, metrics = _train(strategy, jopt.adam(1e-3), batches)
+    expected_params, expected_metrics = single_device
+    params = trainer.params(state)
+    assert _max_diff(params, expected_params) < 1e-5
+    assert _max_diff(params, _init_params()) > 1e-3  # it trained
+    np.testing.assert_allclose(metrics.loss, expected_metrics.loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics.aux["accuracy"], expected_metrics.aux["accuracy"],
+                               atol=1e-6)
+    # Replicated results come back unstacked (out_axes=None / out_specs=P()): no
+    # leading device axis, one logical copy, nothing to unreplicate.
+    leaf = params["hidden"]["w"]
+    assert leaf.shape == (784, HIDDEN) and leaf.sharding.is_fully_replicated
+    assert len(leaf.sharding.device_set) == 8
+
+
+def test_zero1_with_int8_state_shards_the_codes(batches):
+    optimizer = jopt.adam(1e-3, state_storage="int8")
+    # Reference: the same optimizer on the same flat buffer on one device.
+    reference, ref_state, ref_metrics = _train(
+        "none", optimizer, batches, loss_fn=_flat_loss_fn, params=FlatParams.pack(_init_params()))
+    expected = reference.params(ref_state).unpack()
+    # On one device ZeRO-1 is the same computation: same blocks, same codes.
+    one, state, _ = _train("zero1", optimizer, batches, devices=jax.devices()[:1])
+    assert _max_diff(one.params(state), expected) < 1e-6
+
+    trainer, state, metrics = _train("zero1", optimizer, batches)
+    mu = state.opt_state[0].mu.buffers["float32"]
+    assert isinstance(mu, storage.QuantizedArray)  # each slice is big enough to quantize
+    padded = state.params.layout.sizes[0]
+    assert padded % (8 * 256) == 0
+    for shard in mu.codes.addressable_shards:  # each device holds its 1/8 of the codes
+        assert shard.data.shape == (padded // 8 // 256, 256)
+    device = jax.devices()[0]
+    per_device = sum(s.data.nbytes for leaf in jax.tree.leaves(state.opt_state)
+                     for s in leaf.addressable_shards if s.device == device)
+    assert per_device / storage.state_nbytes(ref_state.opt_state) <= 0.13
+    # On 8 devices the gradient is summed in another order, and int8 rounding turns
+    # float32-level differences into code flips: close, not identical.
+    np.testing.assert_allclose(metrics.loss, ref_metrics.loss, rtol=1e-2)
+    assert _max_diff(trainer.params(state), expected) < 0.05
+
+
+def test_zero1_rejects_non_elementwise_optimizer():
+    optimizer = optax.chain(jopt.clip_by_global_norm(1.0), jopt.adam(1e-3))
+    with pytest.raises(ValueError, match="must be elementwise.*clip_by_global_norm"):
+        DataParallel(_loss_fn, optimizer, strategy="zero1").init(_init_params())
+    # The same optimizer is fine with replicated state.
+    DataParallel(_loss_fn, optimizer, strategy="shard_map").init(_init_params())
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_resume_on_another_device_count(batches):
+    short = jax.tree.map(lambda x: x[:4], batches)
+    optimizer = jopt.adagrad(0.05)  # non-zero initial state: the padding must keep it
+    # Uninterrupted: two epochs on 8 devices.
+    trainer, state, _ = _train("zero1", optimizer, short, epochs=2)
+    expected = _host(trainer.params(state))
+
+    trainer, state, _ = _train("zero1", optimizer, short)
+    saved = _host(trainer.checkpoint_state(state))  # what a checkpoint holds
+    raw = saved._replace(opt_state=_host(state.opt_state))  # the sharded form, gathered
+    assert saved.opt_state[0].sum_of_squares.buffers["float32"].shape == (38170,)
+    for strategy, devices in [("zero1", jax.devices()[:2]), ("zero1", jax.devices()[2:5]),
+                              ("shard_map", jax.devices()[:4])]:
+        if strategy == "shard_map":  # replicated flat state reads the same checkpoint
+            resumed = DataParallel(_flat_loss_fn, optimizer, strategy=strategy,
+                                   devices=devices)
+            saved_flat = saved._replace(params=FlatParams.pack(saved.params))
+            state = resumed.restore_state(saved_flat)
+            state, _ = resumed.train_epoch(state, short)
+            got = resumed.params(state).unpack()
+        else:
+            if len(devices) == 3:  # 4 x 128 rows do not split over 3 devices
+                continue
+            resumed = DataParallel(_loss_fn, optimizer, strategy=strategy, devices=devices)
+            state, _ = resumed.train_epoch(resumed.restore_state(saved), short)
+            got = resumed.params(state)
+        assert _max_diff(got, expected) < 1e-5, (strategy, len(devices))
+
+    on_two = DataParallel(_loss_fn, optimizer, strategy="zero1", devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match="another number of devices"):
+        on_two.restore_state(raw)
+    with pytest.raises(ValueError, match="another model or optimizer"):
+        on_two.restore_state(saved._replace(opt_state=jopt.adam(1e-3).init(
+            FlatParams.pack(saved.params))))
+
+
+# ------------------------------------------------------------------ compression
+
+
+def test_int8_pmean_error_feedback_keeps_the_sum():
+    """Sum of applied means == sum of true means - residuals (the feedback identity)."""
+    n, size, steps = 8, 8 * 512, 5
+    mesh = Mesh(np.asarray(jax.devices()), ("batch",), axis_types=(AxisType.Auto,))
+    grads = np.random.default_rng(0).normal(size=(steps, n, size)).astype(np.float32)
+    grads *= np.geomspace(1e-3, 1.0, size, dtype=np.float32)  # many scales per block
+
+    def run(g):
+        def step(carry, g_t):
+            worker, server, total = carry
+            mean, worker, server = int8_pmean(g_t[0], worker, server, "batch")
+            return (worker, server, total + mean), mean
+        init = (jnp.zeros(size), jnp.zeros(size // n), jnp.zeros(size))
+        (worker, server, total), means = lax.scan(step, init, g)
+        return total, lax.all_gather(worker, "batch"), lax.all_gather(server, "batch",
+                                                                       tiled=True), means
+    total, worker, server, means = jax.jit(jax.shard_map(
+        run, mesh=mesh, in_specs=P(None, "batch"), out_specs=P(), check_vma=False))(grads)
+    true_mean = grads.mean(axis=1)
+    # One step: error at most half a quantization step of each of the two stages.
+    block_max = np.abs(true_mean[0]).reshape(-1, 256).max(1).repeat(256)
+    assert np.all(np.abs(means[0] - true_mean[0]) <= 2 * block_max / 127 + 1e-6)
+    # Over all steps nothing is lost except what the residuals still hold.
+    np.testing.assert_allclose(
+        total, true_mean.sum(0) - np.asarray(worker).mean(0) - np.asarray(server), atol=1e-5)
+
+
+def test_compression_sends_a_quarter_of_the_bytes(batches, single_device):
+    short = jax.tree.map(lambda x: x[:4], batches)
+    sent = {}
+    for compression in (None, "int8"):
+        trainer, state, metrics = _train("shard_map", jopt.adam(1e-3), short,
+                                         compression=compression)
+        sent[compression] = communication_bytes(trainer.epoch_hlo(state, short), 8)
+    params = 38170
+    assert sent[None]["all-reduce"] == pytest.approx(2 * 7 / 8 * 4 * params, rel=0.01)
+    ratio = sent["int8"]["total"] / sent[None]["total"]
+    assert 0.24 < ratio < 0.27
+    assert set(state.residuals) == {"worker", "server"}
+    assert state.residuals["worker"]["float32"].shape == (8, 38912)  # one row per device
+    # Training still follows the uncompressed run closely over these 4 steps.
+    np.testing.assert_allclose(metrics.loss, single_device[1].loss[:4], rtol=2e-3)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_batch_not_divisible_names_both_numbers_and_the_fix(batches):
+    with pytest.raises(ValueError, match=r"global batch size 100 .* 8 devices.* 96 or 104"):
+        check_batch_size(100, 8)
+    check_batch_size(96, 8)
+    trainer = DataParallel(_loss_fn, jopt.sgd(0.1), strategy="shard_map")
+    uneven = jax.tree.map(lambda x: x[:, :100], batches)
+    with pytest.raises(ValueError, match="global batch size 100"):
+        trainer.shard_batches(uneven)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="strategy='ddp' is not one of"):
+        DataParallel(_loss_fn, jopt.sgd(0.1), strategy="ddp")
+    with pytest.raises(ValueError, match="compression='fp8'"):
+        DataParallel(_loss_fn, jopt.sgd(0.1), compression="fp8")
+    with pytest.raises(ValueError, match="strategy='none' exchanges nothing"):
+        DataParallel(_loss_fn, jopt.sgd(0.1), strategy="none", compression="int8")
+
+
+def test_distributed_settings_from_flags_and_environment():
+    assert distributed.resolve(environ={}) is None
+    assert distributed.resolve("h:1", 1, 0, environ={}) is None  # one process: nothing to join
+    env = {"JOPT_COORDINATOR": "10.0.0.1:9876", "JOPT_NUM_PROCESSES": "4",
+           "JOPT_PROCESS_ID": "3"}
+    assert distributed.resolve(environ=env) == distributed.DistributedConfig(
+        "10.0.0.1:9876", 4, 3)
+    assert distributed.resolve(process_id=1, environ=env).process_id == 1  # flags win
+    with pytest.raises(ValueError, match=r"--process-id 2 is out of range for "
+                                         r"--num-processes 2: .* 0 \.\. 1"):
+        distributed.resolve("127.0.0.1:1234", 2, 2, environ={})
+    with pytest.raises(ValueError, match="needs --coordinator HOST:PORT"):
+        distributed.resolve(None, 2, 0, environ={})
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        distributed.resolve("127.0.0.1", 2, 0, environ={})
+    with pytest.raises(ValueError, match="needs --process-id"):
+        distributed.resolve("127.0.0.1:1234", 2, None, environ={})
+    with pytest.raises(ValueError, match="needs --num-processes"):
+        distributed.resolve("127.0.0.1:1234", None, 0, environ={})
+    with pytest.raises(ValueError, match="must be an integer"):
+        distributed.resolve("127.0.0.1:1234", "two", 0, environ={})
