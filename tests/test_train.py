@@ -244,3 +244,24 @@ def test_checkpoint_of_another_run_is_a_clear_error(runs, fashion, tmp_path, ove
     message = str(info.value)
     assert expected in message
     assert "fresh --workdir" in message
+
+
+def test_chunked_epochs_match_whole_epoch_scans(runs, fashion, tmp_path):
+    # 8 steps per epoch in chunks of 3, 3 and 2: same steps, same order.
+    chunked = train.train_and_evaluate(
+        small_config(num_epochs=2, steps_per_chunk=3), tmp_path, dataset=fashion)
+    for a, b in zip(_flat_leaves(chunked.params), _flat_leaves(runs["flat"].params)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert chunked.history[-1]["step"] == runs["flat"].history[-1]["step"] == 16
+
+
+def test_epoch_recorded_but_not_checkpointed_is_redone_once(runs, fashion, tmp_path):
+    # As if killed after writing epoch 2's metrics but before its checkpoint.
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["root"] / "flat", workdir)
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    assert len(train.read_metrics(workdir / "metrics.jsonl")) == 2
+    resumed = train.train_and_evaluate(small_config(num_epochs=2), workdir, dataset=fashion)
+    assert [r["epoch"] for r in train.read_metrics(workdir / "metrics.jsonl")] == [1, 2]
+    for a, b in zip(_flat_leaves(resumed.params), _flat_leaves(runs["flat"].params)):
+        np.testing.assert_array_equal(a, b)
