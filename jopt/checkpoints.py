@@ -54,14 +54,20 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint belongs to another model, optimizer or state layout than the config."""
 
 
-def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str | Path, keep: int | None = None, *,
+            create: bool = True) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` on ``workdir/checkpoints`` keeping the last ``keep``.
 
     Saving is synchronous: the state is small, and a save that returned is on disk.
     Use it as a context manager (or call ``close()``).
+
+    Args:
+      workdir: the run's directory.
+      keep: checkpoints kept when saving (None: all).
+      create: create ``workdir/checkpoints`` if it does not exist.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False
+        max_to_keep=keep, create=create, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 

@@ -62,6 +62,7 @@ __all__ = [
     "MODELS",
     "OPTIMIZERS",
     "SCHEDULES",
+    "Checkpoint",
     "ConfigError",
     "EvalData",
     "TrainResult",
@@ -679,29 +680,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return TrainResult(params, history[-1] if history else {}, history, state)
 
 
-def load_checkpoint(workdir: str | os.PathLike):
-    """The config, model and train state of the last checkpoint in ``workdir``.
+class Checkpoint(NamedTuple):
+    """A restored checkpoint: what :func:`load_checkpoint` returns."""
 
-    Returns:
-      ``(config, model, state, meta)``; the config is the one the checkpoint was
-      saved with.
+    config: ml_collections.ConfigDict  # the config it was saved with
+    model: nn.Module
+    state: TrainState
+    meta: dict[str, Any]  # epoch, identity, ... (see jopt.checkpoints)
+
+
+def load_checkpoint(workdir: str | os.PathLike) -> Checkpoint:
+    """The config, model and train state of the last checkpoint in ``workdir``.
 
     Raises:
       FileNotFoundError: ``workdir`` holds no checkpoint.
     """
-    with checkpoints.manager(workdir, keep=1) as checkpoint_manager:
+    directory = Path(workdir) / checkpoints.CHECKPOINT_DIR
+    missing = FileNotFoundError(f"No checkpoint in {directory}; train first with "
+                                f"`jopt train --config ... --workdir {workdir}`.")
+    if not directory.is_dir():
+        raise missing
+    with checkpoints.manager(workdir, create=False) as checkpoint_manager:
         meta = checkpoints.read_meta(checkpoint_manager)
         if meta is None:
-            raise FileNotFoundError(
-                f"No checkpoint in {checkpoint_manager.directory}; train first with "
-                f"`jopt train --config ... --workdir {workdir}`.")
+            raise missing
         config = ml_collections.ConfigDict(meta["config"])
         model = create_model(config, meta["num_classes"])
         tx = create_optimizer(config, steps_per_epoch=1)
         image_shape = tuple(meta["image_shape"])
         like = jax.eval_shape(lambda: init_train_state(config, model, tx, image_shape))
         state, meta = checkpoints.restore_latest(checkpoint_manager, like, config)
-    return config, model, state, meta
+    return Checkpoint(config, model, state, meta)
 
 
 def evaluate_checkpoint(workdir: str | os.PathLike, *,

@@ -45,6 +45,7 @@ def test_eval_without_checkpoint_says_how_to_fix_it(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "No checkpoint in" in err and "jopt train --config" in err
+    assert not (tmp_path / "checkpoints").exists()  # eval writes nothing
 
 
 def test_rerun_of_a_finished_run_resumes_without_duplicate_epochs(trained, capsys):
