@@ -958,7 +958,7 @@ def notebook_03() -> list[nbformat.NotebookNode]:
             fig, ax = plt.subplots(figsize=(8, 4))
             for name, run in runs.items():
                 ax.plot(run["losses"], label=name, lw=1, ls="--" if "int8" in name else "-")
-            ax.set(xlabel="step", ylabel="training loss", title=f"One epoch on {N} device(s)")
+            ax.set(xlabel="step", ylabel="training loss", title=f"Two epochs on {N} device(s)")
             ax.legend()
             plt.show()
         '''),
@@ -1531,6 +1531,7 @@ def notebook_05() -> list[nbformat.NotebookNode]:
 NOTEBOOKS = {
     "01_optimizers": (notebook_01, {}),
     "02_mnist_mlp": (notebook_02, {}),
+    "03_data_parallel": (notebook_03, {"accelerator": "TPU"}),
     "04_compression": (notebook_04, {}),
     "05_computation_graph": (notebook_05, {}),
 }

@@ -23,7 +23,7 @@ CELL_TIMEOUT_S = 180
 KERNEL_NAME = "jopt-notebook-tests"
 # Notebooks that train on real data: MNIST cannot be downloaded in CI, Fashion-MNIST is
 # installed from Debian (dataset-fashion-mnist), so they run on it.
-NEEDS_DATA = {"02_mnist_mlp", "04_compression"}
+NEEDS_DATA = {"02_mnist_mlp", "03_data_parallel", "04_compression"}
 CI_DATASET = "fashion_mnist"
 
 
