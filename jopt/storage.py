@@ -1,75 +1,113 @@
 """State storage codecs: how each optimizer-state array is kept between steps.
 
 Every stateful jopt transformation computes in (at least) float32 and stores its
-per-parameter state through one of these codecs:
+per-parameter state through one of these codecs; :func:`with_state_storage` gives
+the same choice to any optax transformation.
 
-==============  =================================================  ==============
-name            what is stored                                     bytes / value
-==============  =================================================  ==============
-``None``        the parameter's own dtype (optax's behaviour)      param itemsize
-``"float32"``   float32                                            4
-``"bfloat16"``  bfloat16 (8-bit mantissa, float32 range)           2
-``"int8"``      8-bit block-wise quantized codes + float32 scale   ~1.016
-==============  =================================================  ==============
+==============  ===================================================  =============
+name            what is stored                                       bytes / value
+==============  ===================================================  =============
+``None``        the parameter's own dtype (optax's behaviour)        param itemsize
+``"float32"``   float32                                              4
+``"bfloat16"``  bfloat16, stochastically rounded                     2
+``"int8"``      8-bit block-wise codes + a float32 scale per 256     ~1.016
+==============  ===================================================  =============
 
-The int8 codec follows the idea of Dettmers et al. 2021, *8-bit Optimizers via
-Block-wise Quantization*: the array is cut into blocks of 256 values, each block is
-normalised by its own absolute maximum (kept in float32), and the normalised value
-``r`` is stored as an 8-bit code. Like Dettmers' dynamic code, our code is
-non-linear so that values much smaller than the block maximum keep *relative*
-precision; we use a power (companding) code, which needs no lookup table:
+**The int8 code** follows Dettmers et al. 2021 (*8-bit Optimizers via Block-wise
+Quantization*): the array is cut into blocks of 256 values (the paper uses 2048;
+smaller blocks isolate outliers better for 1.5% more memory), each block is
+divided by its absolute maximum (kept in float32), and the normalised value
+``r ∈ [-1, 1]`` becomes an 8-bit code ``c``. The code is non-linear, so that values
+far below the block maximum keep relative precision. Dettmers' dynamic tree code
+needs a 256-entry table; a power (companding) code needs none and measured at
+least as well (see below):
 
-* signed state (first moments, momentum):  ``c = round(127 · sign(r) · |r|^(1/4))``
-  in int8, decoded as ``r = sign(c) · (|c|/127)^4``;
-* non-negative state (second moments):     ``c = round(255 · r^(1/8))`` in uint8,
-  decoded as ``r = (c/255)^8``.
+* signed state (momentum, first moments):  ``r = sign(c) · (|c|/127)^4``, int8;
+* non-negative state (second moments):     ``r = (c/255)^8``, uint8 - a power-4
+  code on ``sqrt(v)``, the quantity Adam divides by.
 
-Error. Rounding moves ``c`` by at most 1/2, so a decoded value has relative error at
-most ``p / (2|c|)`` (``p`` = 4 or 8): about 1.6% for values near the block maximum,
-and it grows only for values far below it (the smallest non-zero magnitudes are
-``3.8e-9`` and ``5.6e-20`` times the block maximum). Since Adam divides by
-``sqrt(v)``, the non-negative code's finer dynamic range guarantees that whenever
-``v`` rounds to zero, the matching ``m`` (range ``sqrt(5.6e-20) < 3.8e-9``) rounds
-to zero too, so the update never blows up to ``m / eps``.
+Two neighbouring levels near the block maximum are 3.1% apart (both codes); the
+smallest non-zero levels are ``3.8e-9`` (signed) and ``5.6e-20`` (non-negative)
+times the block maximum. A positive value is never coded as zero: a second moment
+decodes to 0 only if it is exactly 0 - which for Adam means every past gradient was
+0, so ``m`` is 0 too and ``m / (sqrt(v) + eps)`` cannot blow up to ``m / eps``.
+(Rounding to the nearest level would not give this guarantee: ``m`` and ``v`` have
+different block maxima, so a small ``v`` can round to 0 while ``m`` does not.)
 
-Why the error does not accumulate: state is decoded, updated in float32 and
-re-encoded every step, so each step injects at most one rounding error, and every
-earlier error is multiplied by the moment's decay (``b1``, ``b2`` < 1) at each later
-step: the total stays bounded by ``max_error / (1 - decay)`` and in practice far
-below it, because (i) the block maximum is stored exactly in float32, so the
-uniform decay ``m ← b·m`` of a whole block is represented exactly by its scale
-(the codes do not change), and (ii) rounding errors of different steps have
-different signs. Arrays with fewer than 4096 values (biases, norms) stay float32:
-they cost little and are the most sensitive.
+**Rounding is stochastic** (``"int8"`` and ``"bfloat16"``): a value between two
+levels ``lo < x < hi`` is stored as ``hi`` with probability ``(x - lo)/(hi - lo)``,
+so the decoded value is exact in expectation. Round-to-nearest is *biased* for
+moving averages, and that is the error that accumulates: when the per-step change
+``(1 - β)(g² - v)`` is below half a level (β = 0.999 changes ``v`` by 0.1% a step;
+bf16 levels are 0.4-0.8% apart, int8 ones up to 3.1%), ``v`` rounds back to its old
+value - it stops decaying. Measured (4096 values, gradients whose scale drops 10x at
+step 3000 while one value per block keeps the block maximum): 5000 steps later the
+nearest-rounded ``v`` is 64x (int8) and 76x (bf16) too large; stochastically rounded
+it is within 10% (int8) and 0.2% (bf16). With a constant gradient, bf16 nearest
+rounding leaves ``v`` stuck at ~1/4 of ``g²`` (Adam steps 2x too large).
+
+Why the error then does not accumulate: each step decodes, updates in float32 and
+re-encodes, so the stored error follows ``e_t = β e_{t-1} + δ_t`` where ``δ_t`` is
+that step's rounding error. Stochastic rounding makes the ``δ_t`` zero-mean and
+uncorrelated, so ``e_t`` is a zero-mean sum whose spread stays bounded
+(``std e ≤ max std δ / sqrt(1 - β²)``) and does not drift; a block's common decay
+``v ← βv`` is carried exactly by its float32 scale. Adam on a 16k-dimensional
+ill-conditioned quadratic (3000 steps) ends within 1% of the float32 loss with int8
+or bf16 state, vs 35% off with nearest rounding. The random bits come from a hash
+of (element index, a per-array encode counter kept in the state), so no PRNG key is
+needed and runs are reproducible.
+
+**Measured code choice** (real Adam states of a 784-64-64-10 MLP on Fashion-MNIST,
+1 epoch; error of the resulting update relative to its RMS): signed power-4 1.3%,
+dynamic tree 1.5%, linear 3.5%; non-negative power-8 0.8%, dynamic tree on ``v``
+(bitsandbytes) 1700% (small ``v`` round to 0), dynamic tree on ``sqrt v`` 1.2%.
+Arrays with fewer than 4096 values (biases, norms) stay float32: they cost little
+and are the most sensitive. Complex state is kept in its own dtype. NaN and inf
+propagate (a block holding one decodes to NaN).
+
+References:
+  Dettmers, Lewis, Shleifer & Zettlemoyer, *8-bit Optimizers via Block-wise
+  Quantization*, ICLR 2022 (arXiv:2110.02861).
+  Zamirai, Zhang, Aberger & De Sa, *Revisiting BFloat16 Training*, 2020
+  (arXiv:2010.06192) - stochastic rounding of low-precision updates.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 __all__ = [
     "BLOCK_SIZE",
     "MIN_QUANTIZED_SIZE",
+    "NONNEGATIVE_STATE_FIELDS",
     "StateStorage",
     "ParamDtypeStorage",
     "DtypeStorage",
     "Int8BlockStorage",
+    "EncodedArray",
     "QuantizedArray",
+    "RoundedArray",
+    "compute_dtype",
+    "is_encoded",
     "resolve_storage",
     "state_nbytes",
+    "with_state_storage",
 ]
 
 BLOCK_SIZE = 256
 MIN_QUANTIZED_SIZE = 4096
 
-_SIGNED_POWER = 4  # decode: r = sign(c) * (|c| / 127) ** 4
-_UNSIGNED_POWER = 8  # decode: r = (c / 255) ** 8
+# (levels, power) of the two codes: decode r = (|c| / levels) ** power.
+_SIGNED_CODE = (127, 4)
+_UNSIGNED_CODE = (255, 8)
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -77,20 +115,124 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# --------------------------------------------------------------------------------------
+# Stored forms.
+# --------------------------------------------------------------------------------------
+
+
+class EncodedArray(abc.ABC):
+    """Base of the pytrees a codec stores in place of an array (``.shape`` is the array's).
+
+    ``jax.tree.map(f, state, is_leaf=jopt.storage.is_encoded)`` visits them whole.
+    """
+
+    shape: tuple[int, ...]
+
+    @abc.abstractmethod
+    def decode(self) -> jax.Array:
+        """The stored array, in at least float32."""
+
+    @property
+    def nbytes(self) -> int:
+        return state_nbytes(self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray(EncodedArray):
+    """An array stored as block-wise 8-bit codes (see the module docstring).
+
+    Attributes:
+      codes: int8 (signed) or uint8 (non-negative) codes.
+      scales: float32 absolute maximum of each block.
+      step: how many times this state was encoded (seeds stochastic rounding).
+      shape: the original array's shape (static).
+      signed: whether the signed code is used (static).
+    """
+
+    codes: jax.Array  # shape=[blocks, BLOCK_SIZE], dtype=int8 | uint8
+    scales: jax.Array  # shape=[blocks], dtype=float32
+    step: jax.Array  # shape=(), dtype=uint32
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    signed: bool = dataclasses.field(metadata=dict(static=True))
+
+    def decode(self) -> jax.Array:
+        return _dequantize(self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundedArray(EncodedArray):
+    """A low-precision array kept with stochastic rounding, and its encode counter.
+
+    Attributes:
+      values: the array, in the storage dtype (bfloat16).
+      step: how many times this state was encoded (seeds stochastic rounding).
+    """
+
+    values: jax.Array  # shape=like the parameter, dtype=bfloat16
+    step: jax.Array  # shape=(), dtype=uint32
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(self.values.shape)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.values.dtype
+
+    def decode(self) -> jax.Array:
+        return self.values.astype(compute_dtype(self.values.dtype))
+
+
+def is_encoded(x: Any) -> bool:
+    """Whether ``x`` is a codec's stored form (use as ``is_leaf`` to keep it whole)."""
+    return isinstance(x, EncodedArray)
+
+
+def _next_step(like: Any) -> jax.Array:
+    if isinstance(like, (QuantizedArray, RoundedArray)):
+        return like.step + jnp.uint32(1)
+    return jnp.zeros([], jnp.uint32)
+
+
+def _random_bits(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Array:
+    """Pseudo-random uint32 bits for each element of ``shape`` (flat index order).
+
+    Counter-based: a hash of (element index, encode counter ``step``, ``salt``), so
+    no PRNG key is carried, every step draws fresh bits and a run is reproducible.
+    A multiply-xorshift hash (two multiplies per element) is plenty for rounding
+    noise: its top bits are uniform and uncorrelated across neighbours and steps.
+    """
+    index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    # The seed is added before the first multiply, so that inside a scan XLA
+    # cannot hoist a per-element table out of the loop (4 bytes per value).
+    h = (index + (step * jnp.uint32(0x85EBCA77) + jnp.uint32(salt))) * jnp.uint32(0x9E3779B9)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x2C1B3C6D)
+    return h ^ (h >> 12)
+
+
+# --------------------------------------------------------------------------------------
+# Codecs.
+# --------------------------------------------------------------------------------------
+
+
 class StateStorage(abc.ABC):
     """How one per-parameter state array is kept between steps.
 
-    ``encode`` receives the freshly computed state (float32 or wider) together with
-    the parameter it belongs to; ``decode`` returns it for computation, in at least
-    float32. Encoded values must be pytrees of arrays (so they jit, checkpoint and
-    shard like any state).
+    ``encode`` receives the freshly computed state (float32 or wider) and ``like``:
+    the parameter at ``init``, the previously stored value at ``update`` (codecs
+    with stochastic rounding read their counter from it). ``decode`` returns the
+    state for computation, in at least float32. Encoded values must be pytrees of
+    arrays (so they jit, checkpoint and shard like any state).
     """
 
     name: str
 
     @abc.abstractmethod
-    def encode(self, value: jax.Array, *, like: jax.Array, signed: bool) -> Any:
-        """Stores ``value`` (the state of parameter ``like``)."""
+    def encode(self, value: jax.Array, *, like: Any, signed: bool) -> Any:
+        """Stores ``value`` (``signed=False`` promises it is non-negative)."""
 
     @abc.abstractmethod
     def decode(self, stored: Any) -> jax.Array:
@@ -115,102 +257,162 @@ class ParamDtypeStorage(StateStorage):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class DtypeStorage(StateStorage):
-    """State kept in a fixed floating dtype (``"float32"``, ``"bfloat16"``)."""
+    """State kept in a fixed floating dtype (``"float32"``, ``"bfloat16"``).
+
+    Args:
+      dtype: the storage dtype.
+      stochastic_rounding: round to the dtype stochastically (bfloat16 only; see
+        the module docstring). Values are then stored as :class:`RoundedArray`.
+    """
 
     dtype: Any
+    stochastic_rounding: bool = False
+
+    def __post_init__(self):
+        if self.stochastic_rounding and jnp.dtype(self.dtype) != jnp.bfloat16:
+            raise ValueError(
+                f"stochastic_rounding is implemented for bfloat16 storage only, not "
+                f"{jnp.dtype(self.dtype).name}; use stochastic_rounding=False."
+            )
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return jnp.dtype(self.dtype).name
 
     def encode(self, value, *, like, signed):
-        del like, signed
-        return value.astype(self.dtype)
+        if jnp.iscomplexobj(value):
+            return value  # no complex bfloat16; keep the compute dtype
+        if not self.stochastic_rounding:
+            return value.astype(self.dtype)
+        step = _next_step(like)
+        value = value.astype(jnp.float32)
+        bits = jax.lax.bitcast_convert_type(value, jnp.uint32)
+        # bfloat16 is the top half of float32: adding 16 uniform random bits below
+        # it and truncating rounds up with probability equal to the dropped
+        # fraction. The noise never carries out of an inf (its low bits are 0);
+        # NaN is restored explicitly, as its payload might be in the low bits.
+        noise = _random_bits(value.shape, step, 0x5BD1E995 + signed) >> 16
+        top = ((bits + noise) >> 16).astype(jnp.uint16)
+        top = jnp.where(jnp.isnan(value), jnp.uint16(0x7FC0), top)
+        rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
+        return RoundedArray(rounded, step)
 
     def decode(self, stored):
+        if isinstance(stored, EncodedArray):
+            return stored.decode()
         return stored.astype(compute_dtype(stored.dtype))
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray:
-    """An array stored as block-wise 8-bit codes (see the module docstring).
-
-    Attributes:
-      codes: int8 (signed) or uint8 (non-negative) codes, shape ``[blocks, 256]``.
-      scales: float32 absolute maximum of each block, shape ``[blocks]``.
-      shape: the original array's shape (static).
-      signed: whether the signed code is used (static).
-    """
-
-    codes: jax.Array  # shape=[blocks, BLOCK_SIZE], dtype=int8 | uint8
-    scales: jax.Array  # shape=[blocks], dtype=float32
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    signed: bool = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes
+    def __repr__(self) -> str:
+        sr = ", stochastic_rounding=True" if self.stochastic_rounding else ""
+        return f"DtypeStorage({self.name!r}{sr})"
 
 
-def _quantize(value: jax.Array, signed: bool) -> QuantizedArray:
+def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool):
+    levels, power = _SIGNED_CODE if signed else _UNSIGNED_CODE
     flat = value.reshape(-1).astype(jnp.float32)
-    padding = -flat.size % BLOCK_SIZE
-    blocks = jnp.pad(flat, (0, padding)).reshape(-1, BLOCK_SIZE)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    # An all-zero block keeps scale 1 so decoding never divides by zero.
-    scales = jnp.where(absmax > 0, absmax, 1.0)
-    normalised = blocks / scales[:, None]
-    if signed:
-        magnitude = jnp.sqrt(jnp.sqrt(jnp.abs(normalised)))
-        codes = jnp.round(127.0 * magnitude) * jnp.sign(normalised)
-        codes = codes.astype(jnp.int8)
+    blocks = jnp.pad(flat, (0, -flat.size % BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
+    # One variadic (max, min) reduction: XLA fuses the producer (the whole update
+    # of the state) into it. A plain reduce_max of |x| becomes a library call that
+    # needs |x| materialised first - a full float32 temporary, ~10x slower on CPU.
+    high, low_ = jax.lax.reduce(
+        (blocks, blocks), (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
+    absmax = jnp.maximum(high, -low_)
+    # An all-zero block keeps scale 1 (no 0/0); NaN and inf stay in the scale so
+    # that the block decodes to NaN instead of hiding them.
+    scales = jnp.where(absmax == 0, 1.0, absmax)
+    # 1/scale is subnormal - flushed to zero on CPUs - for scales above 2^126, so
+    # such blocks are first brought down by an exact power of two.
+    prescale = jnp.where(absmax > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
+    inverse = 1.0 / (scales * prescale)
+    magnitude = (jnp.abs(blocks) * prescale[:, None]) * inverse[:, None]
+    if not signed:
+        magnitude = jnp.where(blocks > 0, magnitude, 0.0)  # -0.0 and noise below 0
+    root = jnp.sqrt(jnp.sqrt(magnitude))  # r ** (1/4)
+    if power == 8:
+        root = jnp.sqrt(root)
+    low = jnp.minimum(jnp.floor(levels * root), levels - 1)
+    # Choose between the two neighbouring levels in value space: exact in
+    # expectation (stochastic) or the nearer one.
+    lo = _power(low * (1.0 / levels), power)
+    hi = _power((low + 1) * (1.0 / levels), power)
+    if stochastic:
+        bits = _random_bits(blocks.shape, step, 0x2545F491 + signed) >> 8
+        uniform = jax.lax.bitcast_convert_type(bits, jnp.int32).astype(jnp.float32)
+        up = uniform * (2.0**-24 * (hi - lo)) < magnitude - lo
     else:
-        # Non-negative by contract; clip guards against -0.0 and rounding noise.
-        magnitude = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.maximum(normalised, 0.0))))
-        codes = jnp.round(255.0 * magnitude).astype(jnp.uint8)
-    return QuantizedArray(codes, scales, tuple(value.shape), signed)
+        up = magnitude - lo > hi - magnitude
+    codes = low + up
+    if signed:
+        codes = jnp.where(blocks < 0, -codes, codes).astype(jnp.int8)
+    else:
+        codes = jnp.where(magnitude > 0, jnp.maximum(codes, 1.0), 0.0).astype(jnp.uint8)
+    return QuantizedArray(codes, scales, step, tuple(value.shape), signed)
+
+
+def _power(q: jax.Array, power: int) -> jax.Array:
+    q2 = q * q
+    q4 = q2 * q2
+    return q4 if power == 4 else q4 * q4
 
 
 def _dequantize(stored: QuantizedArray) -> jax.Array:
-    codes = stored.codes.astype(jnp.float32)
+    levels, power = _SIGNED_CODE if stored.signed else _UNSIGNED_CODE
+    q = stored.codes.astype(jnp.float32) * (1.0 / levels)
     if stored.signed:
-        q = codes * (1.0 / 127.0)
-        q2 = q * q
-        normalised = q * jnp.abs(q) * q2  # sign(q) * q**4
+        normalised = q * jnp.abs(q) * (q * q)  # sign(q) q^4
     else:
-        q = codes * (1.0 / 255.0)
-        q2 = q * q
-        q4 = q2 * q2
-        normalised = q4 * q4
+        normalised = _power(q, power)
     values = (normalised * stored.scales[:, None]).reshape(-1)
     size = int(np.prod(stored.shape, dtype=np.int64))
     return values[:size].reshape(stored.shape)
 
 
 class Int8BlockStorage(StateStorage):
-    """Block-wise 8-bit state (Dettmers et al. 2021); small arrays stay float32."""
+    """Block-wise 8-bit state (Dettmers et al. 2021); small arrays stay float32.
+
+    Args:
+      min_size: arrays with fewer values are stored in float32.
+      stochastic_rounding: round stochastically (default; unbiased, see the module
+        docstring) or to the nearest level.
+
+    Example:
+      >>> import jax.numpy as jnp, jopt
+      >>> codec = jopt.storage.Int8BlockStorage(min_size=0)
+      >>> x = jnp.linspace(-1.0, 1.0, 1000)
+      >>> stored = codec.encode(x, like=x, signed=True)
+      >>> stored.codes.dtype, stored.codes.shape
+      (dtype('int8'), (4, 256))
+      >>> bool(jnp.max(jnp.abs(codec.decode(stored) - x)) < 0.032)
+      True
+    """
 
     name = "int8"
 
-    def __init__(self, min_size: int = MIN_QUANTIZED_SIZE):
+    def __init__(self, min_size: int = MIN_QUANTIZED_SIZE, *, stochastic_rounding: bool = True):
+        if min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {min_size}.")
         self.min_size = min_size
+        self.stochastic_rounding = stochastic_rounding
 
     def encode(self, value, *, like, signed):
-        del like
-        if value.size < self.min_size:
-            return value.astype(jnp.float32)
-        return _quantize(value, signed)
+        if value.size < self.min_size or jnp.iscomplexobj(value):
+            return value.astype(compute_dtype(value.dtype))
+        return _quantize(value, signed, _next_step(like), self.stochastic_rounding)
 
     def decode(self, stored):
-        if isinstance(stored, QuantizedArray):
-            return _dequantize(stored)
+        if isinstance(stored, EncodedArray):
+            return stored.decode()
         return stored.astype(compute_dtype(stored.dtype))
+
+    def __repr__(self) -> str:
+        sr = "" if self.stochastic_rounding else ", stochastic_rounding=False"
+        return f"Int8BlockStorage(min_size={self.min_size}{sr})"
 
 
 _NAMED = {
     "float32": lambda: DtypeStorage(jnp.float32),
-    "bfloat16": lambda: DtypeStorage(jnp.bfloat16),
+    "bfloat16": lambda: DtypeStorage(jnp.bfloat16, stochastic_rounding=True),
     "int8": Int8BlockStorage,
 }
 
@@ -247,3 +449,180 @@ def state_nbytes(tree: Any) -> int:
         int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
         for x in jax.tree.leaves(tree)
     )
+
+
+# --------------------------------------------------------------------------------------
+# State storage for any optax transformation.
+# --------------------------------------------------------------------------------------
+
+# Fields of optax/jopt states known to hold non-negative trees (second moments,
+# sums of squares). Anything else is treated as signed, which is always correct.
+NONNEGATIVE_STATE_FIELDS = frozenset({
+    "nu",  # adam, rmsprop, adabelief, yogi, sm3, ... (optax and jopt)
+    "nu_max",  # amsgrad
+    "sum_of_squares",  # adagrad
+    "e_g", "e_x",  # adadelta
+    "exp_avg_sq",  # dadapt_adamw
+    "grad_sum_sq",  # madgrad
+})
+
+
+def _field_name(path: tuple) -> str | None:
+    """The last named key (attribute or dict key) of a key path."""
+    for key in reversed(path):
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            return key.name
+        if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            return key.key
+    return None
+
+
+def _stored_shape(x: Any) -> tuple[int, ...] | None:
+    if isinstance(x, EncodedArray) or hasattr(x, "shape"):
+        return tuple(x.shape)
+    return None
+
+
+def _params_like(treedef: Any, shapes: list) -> Callable[[Any], bool]:
+    """A predicate: is a (state) subtree laid out like the params?
+
+    It is if it has the params' structure and every leaf is an array (or a codec's
+    stored form) of its parameter's shape, or holds no array (``None``, optax's
+    ``MaskedNode``).
+    """
+
+    def predicate(node):
+        try:
+            parts = treedef.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        found = False
+        for part, shape in zip(parts, shapes):
+            part_shape = _stored_shape(part)
+            if part_shape is None:
+                if jax.tree.leaves(part):
+                    return False
+            elif part_shape != shape:
+                return False
+            else:
+                found = True
+        return found
+
+    return predicate
+
+
+def with_state_storage(
+    inner: optax.GradientTransformation,
+    storage: str | StateStorage,
+    *,
+    nonnegative: Collection[str] | Callable[[tuple], bool] = NONNEGATIVE_STATE_FIELDS,
+) -> optax.GradientTransformationExtraArgs:
+    """Stores the parameter-shaped state of any transformation through a codec.
+
+    ``inner``'s state is kept encoded between steps: every subtree of it laid out
+    like the params (same structure, each leaf of its parameter's shape - e.g. the
+    ``mu`` and ``nu`` of ``optax.adam``) has its floating arrays encoded by
+    ``storage``; everything else (step counts, hyper-parameters, factored
+    statistics of another shape) is left as it is. ``update`` decodes the state to
+    (at least) float32, calls ``inner.update``, and encodes the new state; the
+    updates keep the gradients' dtypes. The returned state has ``inner``'s own
+    structure with the encoded arrays in place, so fields stay reachable by name.
+
+    Signedness decides the int8 code (see the module docstring): a subtree is
+    treated as non-negative when the name of the state field that holds it (the
+    last attribute or dict key on its path, e.g. ``nu``) is in ``nonnegative``;
+    everything else gets the signed code, which is correct for any sign but has
+    less range. Unknown non-negative fields thus only lose precision, never sign.
+
+    Args:
+      inner: any optax (or jopt) transformation.
+      storage: ``"float32"``, ``"bfloat16"``, ``"int8"`` or a :class:`StateStorage`.
+      nonnegative: field names whose trees are non-negative, or a predicate on the
+        key path of each params-shaped subtree of the state.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: at ``update`` if ``inner`` changed the structure of its state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jopt
+      >>> params = {"w": jnp.zeros(1 << 16)}
+      >>> tx = jopt.storage.with_state_storage(optax.adam(1e-3), "int8")
+      >>> state = tx.init(params)
+      >>> type(state[0].nu["w"]).__name__, state[0].nu["w"].codes.dtype
+      ('QuantizedArray', dtype('uint8'))
+      >>> round(jopt.storage.state_nbytes(state) / params["w"].size, 2)
+      2.03
+    """
+    codec = resolve_storage(storage)
+    inner = optax.with_extra_args_support(inner)
+    if callable(nonnegative):
+        is_nonnegative = nonnegative
+    else:
+        names = frozenset(nonnegative)
+        is_nonnegative = lambda path: _field_name(path) in names  # noqa: E731
+
+    def layout_of(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [tuple(jnp.shape(x)) for x in leaves]
+
+    def encode_subtree(path, node, like, treedef):
+        signed = not is_nonnegative(path)
+        values = treedef.flatten_up_to(node)
+        likes = treedef.flatten_up_to(like)
+        out = [
+            codec.encode(v, like=l, signed=signed)
+            if _stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact)
+            else v
+            for v, l in zip(values, likes)
+        ]
+        return treedef.unflatten(out)
+
+    def decode_subtree(node, treedef):
+        values = treedef.flatten_up_to(node)
+        out = [
+            codec.decode(v)
+            if isinstance(v, EncodedArray)
+            or (_stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact))
+            else v
+            for v in values
+        ]
+        return treedef.unflatten(out)
+
+    def init_fn(params):
+        treedef, shapes = layout_of(params)
+        match = _params_like(treedef, shapes)
+        state = inner.init(params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, node: encode_subtree(path, node, params, treedef)
+            if match(node) else node,
+            state, is_leaf=match)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        treedef, shapes = layout_of(updates)
+        match = _params_like(treedef, shapes)
+        decoded = jax.tree.map(
+            lambda node: decode_subtree(node, treedef) if match(node) else node,
+            state, is_leaf=match)
+        new_updates, new_state = inner.update(updates, decoded, params, **extra_args)
+        try:
+            new_state = jax.tree_util.tree_map_with_path(
+                lambda path, node, old: encode_subtree(path, node, old, treedef)
+                if match(node) else node,
+                new_state, state, is_leaf=match)
+        except ValueError as e:
+            raise ValueError(
+                "with_state_storage: the inner transformation returned a state whose "
+                f"structure differs from the one it was given ({e}). Only "
+                "transformations with a fixed state structure can be wrapped."
+            ) from None
+        new_updates = jax.tree.map(
+            lambda u, g: u.astype(g.dtype)
+            if jnp.issubdtype(u.dtype, jnp.floating) and jnp.issubdtype(g.dtype, jnp.floating)
+            else u,
+            new_updates, updates)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
