@@ -106,6 +106,7 @@ __all__ = [
     "COMPRESSIONS",
     "STRATEGIES",
     "DataParallel",
+    "LoopEpochs",
     "StepMetrics",
     "TrainState",
     "check_batch_size",
@@ -411,6 +412,8 @@ class DataParallel:
         self.mesh = Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
         # pmap takes and returns process-local arrays; the other paths global ones.
         self._placement_mesh = self.mesh.local_mesh if strategy == "pmap" else self.mesh
+        self._compiled: dict = {}
+        self._flat_input_layout = None  # set by init(): the layout of a FlatParams input
         self._epoch_fn = self._build_epoch()
 
     # ---------------------------------------------------------------- properties
@@ -436,8 +439,7 @@ class DataParallel:
         ``params`` must have the same values in every process of a multi-process run.
         """
         if self.strategy == "zero1":
-            flat = FlatParams.pack(params, pad_multiple=self._pad_multiple)
-            flat = self._replicated(flat)
+            flat = self._replicated(self._to_padded(params))
             opt_state = self._zero1_init(flat)
             residuals = self._zero_residuals(flat) if self.compression else {}
             return TrainState(flat, opt_state, residuals)
@@ -453,10 +455,45 @@ class DataParallel:
         return TrainState(params, opt_state, residuals)
 
     def params(self, state: TrainState) -> Any:
-        """The parameters as the tree passed to :meth:`init` (replicated)."""
+        """The parameters in the form passed to :meth:`init` (replicated)."""
         if self.strategy == "zero1":
-            return jax.jit(FlatParams.unpack)(state.params)
+            return self._memo("params", state.params.layout,
+                              lambda: jax.jit(self._from_padded))(state.params)
         return state.params
+
+    def _memo(self, name: str, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, once per (name, key): jitted helpers are traced and compiled once."""
+        if (name, key) not in self._compiled:
+            self._compiled[name, key] = build()
+        return self._compiled[name, key]
+
+    # ZeRO-1 keeps the parameters as a FlatParams padded to a multiple of N * 256. A
+    # tree is packed; a FlatParams (a training loop's flat mode) is only padded, and
+    # given back with its own layout, so its optimizer state keeps its structure.
+
+    def _to_padded(self, params: Any) -> FlatParams:
+        self._flat_input_layout = params.layout if isinstance(params, FlatParams) else None
+        if self._flat_input_layout is None:
+            return FlatParams.pack(params, pad_multiple=self._pad_multiple)
+        sizes = tuple(-(-n // self._pad_multiple) * self._pad_multiple
+                      for n in params.layout.sizes)
+        return FlatParams(
+            {d: jnp.pad(params.buffers[d], (0, size - params.buffers[d].shape[0]))
+             for d, size in zip(params.layout.dtypes, sizes)},
+            dataclasses.replace(params.layout, sizes=sizes))
+
+    def _from_padded(self, flat: FlatParams) -> Any:
+        layout = self._flat_input_layout
+        if layout is None:
+            return flat.unpack()
+        return FlatParams({d: flat.buffers[d][:n] for d, n in zip(layout.dtypes, layout.sizes)},
+                          layout)
+
+    def _grads_to_padded(self, grads: Any, like: FlatParams) -> FlatParams:
+        if self._flat_input_layout is None:
+            return self._pack_gradients(grads)
+        return FlatParams({d: jnp.pad(grads.buffers[d], (0, n - grads.buffers[d].shape[0]))
+                           for d, n in zip(like.layout.dtypes, like.layout.sizes)}, like.layout)
 
     def _residual_sizes(self, params: Any) -> dict[str, int]:
         if self.strategy == "zero1":
@@ -501,11 +538,14 @@ class DataParallel:
 
     def _zero1_init(self, flat: FlatParams) -> Any:
         if self.check_optimizer:
-            self._check_elementwise(flat)
-        init = jax.shard_map(
-            lambda f: self.optimizer.init(self._local_slice(f)),
-            mesh=self.mesh, in_specs=P(), out_specs=self._zero1_state_specs(flat))
-        return jax.jit(init)(flat)
+            self._memo("check", flat.layout, lambda: self._check_elementwise(flat))
+
+        def build():
+            return jax.jit(jax.shard_map(
+                lambda f: self.optimizer.init(self._local_slice(f)),
+                mesh=self.mesh, in_specs=P(), out_specs=self._zero1_state_specs(flat)))
+
+        return self._memo("init", flat.layout, build)(flat)
 
     def _check_elementwise(self, flat: FlatParams) -> None:
         """Raises unless ``optimizer.update`` needs no data from other devices' slices.
@@ -555,6 +595,11 @@ class DataParallel:
         if self.strategy != "zero1":
             return state
         flat = state.params
+        return TrainState(self.params(state), self._memo(
+            "to_canonical", flat.layout, lambda: self._build_to_canonical(flat))(
+                state.opt_state), state.residuals)
+
+    def _build_to_canonical(self, flat: FlatParams):
         canonical = self._canonical_state_shapes(flat)
         specs = self._zero1_state_specs(flat)
 
@@ -565,21 +610,25 @@ class DataParallel:
                 return lax.all_gather(_decode(x), self.axis_name, tiled=True, to="invarying")
             return jax.tree.map(leaf, opt_state, is_leaf=_is_quantized)
 
-        gathered = jax.jit(jax.shard_map(
-            gather, mesh=self.mesh, in_specs=(specs,), out_specs=P()))(state.opt_state)
-
-        @jax.jit
-        def to_canonical(gathered):
+        def to_canonical(opt_state):
+            gathered = jax.shard_map(gather, mesh=self.mesh, in_specs=(specs,),
+                                     out_specs=P())(opt_state)
             leaves, _ = jax.tree.flatten(gathered, is_leaf=_is_quantized)
             like, treedef = jax.tree.flatten(canonical, is_leaf=_is_quantized)
             return treedef.unflatten([
                 _encode_like(x[: like_leaf.shape[0]] if jnp.ndim(x) else x, like_leaf)
                 for x, like_leaf in zip(leaves, like)])
 
-        return TrainState(self.params(state), to_canonical(gathered), state.residuals)
+        return jax.jit(to_canonical)
 
     def _canonical_state_shapes(self, flat: FlatParams) -> Any:
-        return jax.eval_shape(lambda f: self.optimizer.init(FlatParams.pack(f.unpack())), flat)
+        return jax.eval_shape(lambda f: self.optimizer.init(self._canonical_flat(f)), flat)
+
+    def _canonical_flat(self, flat: FlatParams) -> FlatParams:
+        """What a replicated flat-mode run optimizes: the unpadded FlatParams."""
+        if self._flat_input_layout is None:
+            return FlatParams.pack(flat.unpack())
+        return self._from_padded(flat)
 
     def restore_state(self, saved: TrainState) -> TrainState:
         """The inverse of :meth:`checkpoint_state`: places ``saved`` on this run's devices.
@@ -628,8 +677,9 @@ class DataParallel:
                 out.append(_encode_like(jnp.where(valid, window.astype(value.dtype), value), old))
             return treedef.unflatten(out)
 
-        placed = jax.shard_map(place, mesh=self.mesh, in_specs=(specs, P()), out_specs=specs)
-        return jax.jit(placed)(fresh.opt_state, self._replicated(canonical))
+        placed = self._memo("from_canonical", fresh.params.layout, lambda: jax.jit(
+            jax.shard_map(place, mesh=self.mesh, in_specs=(specs, P()), out_specs=specs)))
+        return placed(fresh.opt_state, self._replicated(canonical))
 
     # ---------------------------------------------------------------- data
 
@@ -721,10 +771,9 @@ class DataParallel:
     def _grads(self, params: Any, batch: Any, *, pcast: bool):
         flat = params if self.strategy == "zero1" else None
         if flat is not None:
-            # Differentiate with respect to the tree and concatenate its gradient
-            # (_pack_gradients), rather than through `unpack`, whose transpose is a
-            # chain of pads and adds.
-            params = flat.unpack()
+            # Differentiate with respect to what the user passed to init (a tree is
+            # then packed by _pack_gradients; see there), not the padded buffers.
+            params = self._from_padded(flat)
         if pcast:
             # Under check_vma, differentiating with respect to replicated parameters
             # would psum the gradient implicitly; marking them per-device keeps each
@@ -732,7 +781,7 @@ class DataParallel:
             params = lax.pcast(params, self.axis_name, to="varying")
         (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch)
         if flat is not None:
-            grads = self._pack_gradients(grads)
+            grads = self._grads_to_padded(grads, flat)
             if grads.layout != flat.layout:
                 raise ValueError(
                     f"The gradient's flat layout differs from the parameters': "
@@ -835,6 +884,80 @@ class DataParallel:
             return mapped(params, opt_state, residuals, batches)
 
         return jax.jit(run, donate_argnums=donate)
+
+
+class LoopEpochs:
+    """:func:`jopt.train.build_epoch_fn`'s contract, data-parallel (``jopt train``'s path).
+
+    ``epoch_fn(state, images, labels, batch_indices) -> (state, metrics)`` runs one
+    step per row of ``batch_indices`` (``int32[steps, global batch]``) with a
+    :class:`DataParallel` trainer, where ``state`` has ``params``, ``opt_state``
+    and ``step`` fields and ``metrics`` holds ``loss_sum`` (sum of the per-step
+    mean losses) and ``num_correct``.
+
+    Between calls the state is handed back *canonical*: on one device of this
+    process, the optimizer state as a one-device run holds it (ZeRO-1's slices
+    gathered, :meth:`DataParallel.checkpoint_state`). So the loop's evaluation and
+    checkpoints work unchanged, and a checkpoint resumes on any device count or
+    strategy. While the loop passes back the state it was given, the sharded state
+    is kept and nothing is re-placed. Each process gathers only its rows of every
+    global batch. Compression residuals are not part of the canonical state: a
+    resumed run starts them from zero.
+
+    Args:
+      loss_fn: ``loss_fn(params, images, labels) -> (mean loss, logits)``.
+      optimizer: the optimizer.
+      strategy: ``"pmap"``, ``"shard_map"`` or ``"zero1"`` (see :class:`DataParallel`).
+      batch_size: the global batch size (checked against the device count).
+      compression: ``None`` or ``"int8"``.
+      devices: the devices (default: all of them).
+
+    Raises:
+      ValueError: ``batch_size`` does not split over the devices, or a bad strategy.
+    """
+
+    def __init__(self, loss_fn, optimizer, *, strategy: str, batch_size: int,
+                 compression: str | None = None, devices: Sequence[jax.Device] | None = None):
+        def batch_loss(params, batch):
+            loss, logits = loss_fn(params, batch["image"], batch["label"])
+            correct = jnp.sum(jnp.argmax(logits, axis=-1) == batch["label"])
+            return loss, correct.astype(jnp.float32)
+
+        self.trainer = DataParallel(batch_loss, optimizer, strategy=strategy,
+                                    compression=compression, devices=devices)
+        check_batch_size(batch_size, self.trainer.num_devices)
+        self._kept: tuple[Any, TrainState] | None = None  # (state handed back, sharded state)
+        self._host: tuple[Any, np.ndarray] | None = None
+
+    def _host_array(self, array) -> np.ndarray:
+        """The training data as a host array (gathered from once per data set)."""
+        if self._host is None or self._host[0] is not array:
+            self._host = (array, np.asarray(array))
+        return self._host[1]
+
+    def __call__(self, state, images, labels, batch_indices):
+        trainer = self.trainer
+        indices = np.asarray(batch_indices)
+        rows = indices[:, trainer.process_rows(indices.shape[1])]
+        host_images, host_labels = self._host_array(images), np.asarray(labels)
+        batches = trainer.shard_batches({"image": host_images[rows], "label": host_labels[rows]})
+        if self._kept is not None and self._kept[0] is state:
+            sharded = self._kept[1]
+        else:  # first call, or a state restored from a checkpoint
+            sharded = trainer.restore_state(TrainState(state.params, state.opt_state, {}))
+        sharded, metrics = trainer.train_epoch(sharded, batches)
+        canonical = trainer.checkpoint_state(sharded)
+        device = jax.tree.leaves(state.params)[0].devices().pop()
+
+        def local(x):  # one replica, on the device the loop keeps its state on
+            return jax.device_put(x.addressable_data(0), device, may_alias=False)
+
+        new_state = state._replace(params=jax.tree.map(local, canonical.params),
+                                   opt_state=jax.tree.map(local, canonical.opt_state),
+                                   step=state.step + indices.shape[0])
+        self._kept = (new_state, sharded)
+        num_correct = jnp.round(jnp.sum(metrics.aux) * trainer.num_devices).astype(jnp.int32)
+        return new_state, {"loss_sum": jnp.sum(metrics.loss), "num_correct": num_correct}
 
 
 def _put_global(local: np.ndarray, sharding: NamedSharding, global_shape=None) -> jax.Array:

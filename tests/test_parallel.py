@@ -261,3 +261,39 @@ def test_distributed_settings_from_flags_and_environment():
         distributed.resolve("127.0.0.1:1234", None, 0, environ={})
     with pytest.raises(ValueError, match="must be an integer"):
         distributed.resolve("127.0.0.1:1234", "two", 0, environ={})
+
+
+# ------------------------------------------------------------------ jopt train's loop
+
+
+def test_loop_epochs_follow_the_one_device_loop():
+    """LoopEpochs keeps train.build_epoch_fn's contract and results."""
+    from jopt import train
+    from jopt.cli import load_config
+    from jopt.parallel import LoopEpochs
+
+    config = load_config("configs/fashion_mnist_mlp.py")
+    ds = data.subset(data.load("fashion_mnist", download=False), train=1024, test=16)
+    model = train.create_model(config)
+    tx = train.create_optimizer(config, steps_per_epoch=8)
+    loss_fn = train.make_loss_fn(train.make_apply_fn(model))
+    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+
+    def two_epochs(epoch_fn, restore):
+        state = train.init_train_state(config, model, tx, (28, 28))
+        for epoch in (1, 2):
+            indices = train.shuffle_batches(train.epoch_key(0, epoch), 1024, GLOBAL_BATCH)
+            state, metrics = epoch_fn(state, images, labels, indices)
+            if restore:  # as if restored from a checkpoint: a state it did not hand out
+                state = jax.tree.map(jnp.copy, state)
+        return state, jax.device_get(metrics)
+
+    expected, expected_metrics = two_epochs(train.build_epoch_fn(config, loss_fn, tx), False)
+    state, metrics = two_epochs(
+        LoopEpochs(loss_fn, tx, strategy="zero1", batch_size=GLOBAL_BATCH), True)
+    assert jax.tree.structure(state) == jax.tree.structure(expected)  # checkpoints agree
+    assert int(state.step) == 16 and metrics["num_correct"] == expected_metrics["num_correct"]
+    np.testing.assert_allclose(metrics["loss_sum"], expected_metrics["loss_sum"], rtol=1e-5)
+    assert _max_diff(state, expected) < 1e-5
+    with pytest.raises(ValueError, match="global batch size 100 does not split evenly"):
+        LoopEpochs(loss_fn, tx, strategy="shard_map", batch_size=100)
