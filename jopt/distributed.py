@@ -35,11 +35,15 @@ import os
 import jax
 
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "DistributedConfig",
-           "initialize", "resolve"]
+           "DistributedConfigError", "initialize", "resolve"]
 
 ENV_COORDINATOR = "JOPT_COORDINATOR"
 ENV_NUM_PROCESSES = "JOPT_NUM_PROCESSES"
 ENV_PROCESS_ID = "JOPT_PROCESS_ID"
+
+
+class DistributedConfigError(ValueError):
+    """Multi-process settings that cannot work; the message names the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,8 @@ def _integer(value: int | str | None, name: str, flag: str) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{flag} (or {name}) must be an integer, got {value!r}.") from None
+        raise DistributedConfigError(
+            f"{flag} (or {name}) must be an integer, got {value!r}.") from None
 
 
 def resolve(
@@ -79,9 +84,9 @@ def resolve(
     (nothing given, or one process).
 
     Raises:
-      ValueError: a missing or malformed coordinator address, a missing process
-        id, or a process id outside ``[0, num_processes)``; each message names the
-        flag and the fix.
+      DistributedConfigError: a missing or malformed coordinator address, a missing
+        process id, or a process id outside ``[0, num_processes)``; each message
+        names the flag and the fix.
     """
     environ = os.environ if environ is None else environ
     coordinator = coordinator_address or environ.get(ENV_COORDINATOR) or None
@@ -92,29 +97,29 @@ def resolve(
     if coordinator is None and count is None and index is None:
         return None
     if count is None:
-        raise ValueError(
+        raise DistributedConfigError(
             "A multi-process run needs --num-processes N (or JOPT_NUM_PROCESSES): the "
             "number of processes that take part.")
     if count < 1:
-        raise ValueError(f"--num-processes must be >= 1, got {count}.")
+        raise DistributedConfigError(f"--num-processes must be >= 1, got {count}.")
     if index is not None and not 0 <= index < count:
-        raise ValueError(
+        raise DistributedConfigError(
             f"--process-id {index} is out of range for --num-processes {count}: give each "
             f"process a different id in 0 .. {count - 1} (process 0 runs the coordinator).")
     if count == 1:
         return None
     if coordinator is None:
-        raise ValueError(
+        raise DistributedConfigError(
             f"--num-processes {count} needs --coordinator HOST:PORT (or JOPT_COORDINATOR): "
             "the address where process 0 listens, reachable from every process, e.g. "
             "--coordinator 10.0.0.1:9876.")
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
+        raise DistributedConfigError(
             f"--coordinator {coordinator!r} is not HOST:PORT (e.g. 127.0.0.1:9876 or "
             "node0.cluster:9876).")
     if index is None:
-        raise ValueError(
+        raise DistributedConfigError(
             f"--num-processes {count} needs --process-id I (or JOPT_PROCESS_ID) with I in "
             f"0 .. {count - 1}, different in every process.")
     return DistributedConfig(coordinator, count, index)
@@ -144,7 +149,7 @@ def initialize(
       The settings used, or ``None`` for a single-process run.
 
     Raises:
-      ValueError: see :func:`resolve`.
+      DistributedConfigError: see :func:`resolve`.
     """
     config = resolve(coordinator_address, num_processes, process_id)
     if config is None:
