@@ -33,7 +33,6 @@ while the parameters (and so the optimizer) stay float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import os
@@ -306,47 +305,18 @@ def create_optimizer(
 # --------------------------------------------------------------------------- step
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _unpack(layout, buffers):
-    return FlatParams(buffers, layout).unpack()
-
-
-def _unpack_fwd(layout, buffers):
-    return _unpack(layout, buffers), None
-
-
-def _unpack_bwd(layout, _, cotangents):
-    # The transpose of each slice is a zero-padded full-size buffer; summing those
-    # costs one pass over the whole buffer per leaf (XLA does not turn that chain
-    # of pads and adds into a concatenation). Concatenating the leaf gradients is
-    # the same result in one pass.
-    leaves = layout.treedef.flatten_up_to(cotangents)
-    buffers = {}
-    for dtype, size in zip(layout.dtypes, layout.sizes):
-        parts = [leaf.reshape(-1).astype(dtype)
-                 for leaf, slot in zip(leaves, layout.slots) if slot.dtype == dtype]
-        padding = size - sum(part.size for part in parts)
-        if padding:
-            parts.append(jnp.zeros([padding], dtype))
-        buffers[dtype] = jnp.concatenate(parts)
-    return (buffers,)
-
-
-_unpack.defvjp(_unpack_fwd, _unpack_bwd)
-
-
 def make_apply_fn(model: nn.Module, compute_dtype: Any = jnp.float32) -> ApplyFn:
     """``apply(params, images) -> logits``: the model on raw uint8 images.
 
     Images are scaled to ``[0, 1]`` in ``compute_dtype`` on the device; flat params
     are unpacked (free slicing under ``jit``; the gradient flows back into the
-    buffers as one concatenation); logits come back in float32 so the loss is
+    buffers as one concatenation, see :meth:`jopt.flat.FlatParams.unpack`); logits come back in float32 so the loss is
     computed in full precision whatever the compute dtype.
     """
 
     def apply(params, images):
         if isinstance(params, FlatParams):
-            params = _unpack(params.layout, params.buffers)
+            params = params.unpack()
         x = images.astype(compute_dtype) * (1.0 / 255.0)
         return model.apply(params, x).astype(jnp.float32)
 
