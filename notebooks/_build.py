@@ -1297,15 +1297,16 @@ def notebook_05() -> list[nbformat.NotebookNode]:
             BIG_BUFFER = 1 << 18 if SMALL else 1 << 24  # parameters in the state-storage comparison
 
 
-            def median_time(fn, *args, repeats=5 if SMALL else 30):
-                """Median wall time of fn(*args) in seconds, after one warm-up call."""
+            def best_time(fn, *args, repeats=5 if SMALL else 30):
+                """Fastest wall time of fn(*args) in seconds, after one warm-up call (the best
+                of several runs is the least disturbed by whatever else the machine does)."""
                 jax.block_until_ready(fn(*args))
                 times = []
                 for _ in range(repeats):
                     start = time.perf_counter()
                     jax.block_until_ready(fn(*args))
                     times.append(time.perf_counter() - start)
-                return float(np.median(times))
+                return min(times)
         '''),
         md(r'''
             ## 1. One training step
@@ -1407,7 +1408,7 @@ def notebook_05() -> list[nbformat.NotebookNode]:
             print(f"matmul FLOPs by hand: {(forward + backward) / 1e6:.2f} M; "
                   f"XLA's count, elementwise work included: {report.flops / 1e6:.2f} M")
 
-            step_time = median_time(train_step, params, opt_state, images, labels)
+            step_time = best_time(train_step, params, opt_state, images, labels)
             print(f"step time {step_time * 1e3:.3f} ms -> {report.flops / step_time / 1e9:.2f} GFLOP/s, "
                   f"{report.bytes_accessed / step_time / 1e9:.2f} GB/s (by XLA's byte count); "
                   f"arithmetic intensity {report.arithmetic_intensity:.1f} FLOP/byte")
@@ -1445,7 +1446,7 @@ def notebook_05() -> list[nbformat.NotebookNode]:
             print(flat, "\n")
             print(compare({"per-leaf step": report, "flat step": flat_report}))
             print(f"\nstep time: per-leaf {step_time * 1e3:.3f} ms, flat "
-                  f"{median_time(flat_train_step, flat, flat_state, images, labels) * 1e3:.3f} ms")
+                  f"{best_time(flat_train_step, flat, flat_state, images, labels) * 1e3:.3f} ms")
         '''),
         code(r'''
             rng = np.random.default_rng(SEED)
@@ -1465,8 +1466,8 @@ def notebook_05() -> list[nbformat.NotebookNode]:
             print(f"{MANY_LEAVES} arrays, {many_flat.num_params:,} parameters, Adam update only\n")
             print(compare({"per-leaf": per_leaf_update, "flat": flat_update}))
             times = {
-                "per-leaf": median_time(jax.jit(update_step), many, many, tx.init(many)),
-                "flat": median_time(jax.jit(update_step), many_flat, many_flat, tx.init(many_flat)),
+                "per-leaf": best_time(jax.jit(update_step), many, many, tx.init(many)),
+                "flat": best_time(jax.jit(update_step), many_flat, many_flat, tx.init(many_flat)),
             }
             print("\nupdate time: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()))
 
@@ -1477,11 +1478,11 @@ def notebook_05() -> list[nbformat.NotebookNode]:
         '''),
         md(r'''
             The flat update does the same arithmetic (same FLOPs, same bytes) in a handful of
-            kernels, and compiles in a fraction of the time. Per-step time is another question:
-            on a CPU, XLA may run many small independent kernels on parallel threads, and one big
-            kernel is not automatically faster; on GPU and TPU, where every launch costs
-            microseconds, fewer kernels win. Measure on your hardware: the scripts in
-            `benchmarks/` time both side by side.
+            kernels, and compiles in a fraction of the time. Per-step time is another question,
+            and the answer depends on the backend: on a CPU the two are close and either may win;
+            on GPU and TPU, where every kernel launch costs microseconds, fewer kernels save that
+            overhead. Measure on your hardware: the scripts in `benchmarks/` time both side by
+            side.
 
             ## 6. Optimizer-state storage
 
