@@ -799,7 +799,11 @@ class DataParallel:
         layout = jax.eval_shape(
             functools.partial(FlatParams.pack, pad_multiple=self._pad_multiple), grads).layout
         buffers = {d: jnp.zeros((size,), d) for d, size in zip(layout.dtypes, layout.sizes)}
-        for slot, leaf in zip(layout.slots, jax.tree.leaves(grads)):
+        # Largest leaf first: XLA rewrites the first update of the zero buffer as a pad,
+        # which is again a whole-buffer loop; a weight gradient (a dot's output) is not
+        # fused into it, a bias gradient (a reduction) would be.
+        for slot, leaf in sorted(zip(layout.slots, jax.tree.leaves(grads)),
+                                 key=lambda pair: -pair[0].size):
             buffers[slot.dtype] = lax.dynamic_update_slice_in_dim(
                 buffers[slot.dtype], leaf.reshape(-1).astype(slot.dtype), slot.offset, 0)
         return FlatParams(buffers, layout)
