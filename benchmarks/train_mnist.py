@@ -85,7 +85,6 @@ def jopt_epoch(dataset, batch_size):
     tx = train.create_optimizer(config, num_train // batch_size)
     epoch_fn = train.build_epoch_fn(
         config, train.make_loss_fn(train.make_apply_fn(model)), tx)
-    shuffle = jax.jit(train.shuffle_batches, static_argnums=(1, 2))
     state = train.init_train_state(config, model, tx, dataset.train_images.shape[1:])
     images = jax.device_put(dataset.train_images)
     labels = jax.device_put(dataset.train_labels)
@@ -93,7 +92,8 @@ def jopt_epoch(dataset, batch_size):
 
     def run():  # exactly the timed part of an epoch in train_and_evaluate
         holder["epoch"] += 1
-        indices = shuffle(train.epoch_key(config.seed, holder["epoch"]), num_train, batch_size)
+        key = train.epoch_key(config.seed, holder["epoch"])
+        indices = train.shuffle_batches(key, num_train, batch_size)
         holder["state"], metrics = epoch_fn(holder["state"], images, labels, indices)
         return jax.device_get(metrics)
 

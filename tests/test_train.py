@@ -105,6 +105,10 @@ def test_shuffle_is_a_permutation_dropping_the_remainder():
     assert len(set(indices.ravel())) == 9 and indices.max() < 10
     again = np.asarray(train.shuffle_batches(jax.random.key(0), 10, 3))
     np.testing.assert_array_equal(indices, again)
+    assert indices.dtype == np.int32
+    epochs = [train.shuffle_batches(train.epoch_key(0, epoch), 1000, 100) for epoch in (1, 2)]
+    assert not np.array_equal(*epochs)
+    assert sorted(epochs[0].ravel()) == list(range(1000))
 
 
 def test_eval_handles_a_partial_last_batch():
