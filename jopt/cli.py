@@ -58,7 +58,8 @@ config overrides:
     --config.optimizer.schedule.name=warmup_cosine
     --config.model.hidden_sizes=128,128
     --config.optimizer.state_storage=int8 --config.compute_dtype=bfloat16
-  Values are parsed as the key's type (int, float, bool: true/false, str, tuple).
+  (--config.KEY VALUE works too.) Values are parsed as the key's type (int,
+  float, bool: true/false, str, tuple).
   An unknown key or a value of the wrong type is an error that names the key.
 
 outputs in WORKDIR:
@@ -203,13 +204,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--config.KEY=VALUE`` and ``--config.KEY VALUE`` overrides, and the rest."""
+    overrides, unknown = [], []
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--config."):
+            unknown.append(arg)
+        elif "=" in arg or not args or args[0].startswith("--"):
+            overrides.append(arg)
+        else:
+            overrides.append(f"{arg}={args.pop(0)}")
+    return overrides, unknown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jopt`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    overrides = [a for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
+    overrides, unknown = _split_overrides(rest)
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
 

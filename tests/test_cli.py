@@ -75,6 +75,13 @@ def test_bad_override_is_an_error_naming_the_key(tmp_path, capsys, override, mes
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before any work
 
 
+def test_overrides_with_a_space_before_the_value(tmp_path, capsys):
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path),
+            "--config.optimizer.name", "adamx"]
+    assert cli.main(argv) == 2
+    assert "config.optimizer.name='adamx'" in capsys.readouterr().err
+
+
 def test_overrides_are_typed():
     config = cli.load_config(DEFAULT_CONFIG, [
         "--config.optimizer.learning_rate=3e-4", "--config.num_epochs=7",
