@@ -598,8 +598,9 @@ def with_state_storage(
         likes = treedef.flatten_up_to(like)
         out = [
             codec.encode(v, like=l, signed=signed)
-            if _stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact)
-            else v
+            if not isinstance(v, EncodedArray) and _stored_shape(v) is not None
+            and jnp.issubdtype(v.dtype, jnp.inexact)
+            else v  # counts, masks, and state that ``inner`` already stores encoded
             for v, l in zip(values, likes)
         ]
         return treedef.unflatten(out)

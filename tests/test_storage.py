@@ -352,6 +352,12 @@ def test_wrapper_signedness_can_be_overridden():
         nonnegative=lambda path: jax.tree_util.keystr(path).endswith(".mu"))
     state = jax.eval_shape(by_path.init, params)
     assert not state[0].mu["w"].signed and state[0].nu["w"].signed
+    # State that the inner transformation already stores encoded is kept as it is.
+    nested = storage.with_state_storage(jopt.adam(0.1, state_storage="int8"), "bfloat16")
+    state = jax.eval_shape(nested.init, params)
+    assert isinstance(state[0].mu["w"], storage.QuantizedArray)
+    _, new_state = jax.eval_shape(nested.update, params, state, params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
 def test_wrapper_keeps_update_dtypes_and_masked_states():
