@@ -64,11 +64,12 @@ class Moment(NamedTuple):
 
 
 def _is_stored_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, storage_lib.QuantizedArray)
+    return x is None or storage_lib.is_encoded(x)
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    return x.shape if isinstance(x, storage_lib.QuantizedArray) else tuple(jnp.shape(x))
+    # An encoded state (int8 codes, stochastically rounded bf16) reports its array's shape.
+    return tuple(x.shape) if storage_lib.is_encoded(x) else tuple(jnp.shape(x))
 
 
 def _describe_difference(updates: Any, reference: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import optax
 
-from jopt import transforms
+from jopt import flat, transforms
 from jopt._validation import check_in_range, check_learning_rate
 from jopt.base import GradientTransformationExtraArgs, ScalarOrSchedule, chain, identity
 from jopt.transforms import StateStorageLike
@@ -298,7 +298,8 @@ def adamw(
     to the parameters directly, not added to the gradient, so it is not rescaled by
     Adam's denominator. ``mask`` (a tree of booleans like the params, or a function
     of the params returning one) selects the parameters that decay; biases and
-    norms are commonly excluded.
+    norms are commonly excluded. The mask function always sees the params as a tree,
+    also when they are packed into :class:`jopt.flat.FlatParams`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jopt
@@ -318,9 +319,18 @@ def adamw(
             b1, b2, eps, eps_root, mu_dtype,
             nesterov=nesterov, amsgrad=amsgrad, state_storage=state_storage,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
+        _decayed_weights(weight_decay, mask),
         _learning_rate(learning_rate),
     )
+
+
+def _decayed_weights(weight_decay, mask):
+    # jopt.flat.masked is optax.masked on trees, and also selects per element on
+    # FlatParams, where optax's per-leaf mask would see two 1-D buffers instead of
+    # the model's kernels and biases.
+    if mask is None:
+        return optax.add_decayed_weights(weight_decay)
+    return flat.masked(optax.add_decayed_weights(weight_decay), mask)
 
 
 def nadam(

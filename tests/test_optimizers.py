@@ -404,3 +404,16 @@ def test_lazy_submodules_do_not_load_at_import():
 
     code = "import sys, jopt; assert 'flax' not in sys.modules and 'orbax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_adamw_mask_selects_the_same_weights_on_flat_params():
+    params = nested_params()
+    matrices_only = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    tx = jopt.adamw(0.05, weight_decay=0.5, mask=matrices_only)
+    tree_run, _ = run(tx, params, nested_loss, 10)
+    flat_run, _ = run(tx, jopt.flat.FlatParams.pack(params), lambda f: nested_loss(f.unpack()), 10)
+    last_tree = jax.tree.map(lambda x: x[-1], tree_run)
+    last_flat = jax.tree.map(lambda x: x[-1], flat_run).unpack()
+    assert max_abs_diff(last_tree, last_flat) <= 1e-6
+    unmasked, _ = run(jopt.adamw(0.05, weight_decay=0.5), params, nested_loss, 10)
+    assert max_abs_diff(last_tree, jax.tree.map(lambda x: x[-1], unmasked)) > 1e-3
