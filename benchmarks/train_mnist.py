@@ -195,7 +195,7 @@ def flax_scan_epoch(dataset, batch_size):
     steps = len(dataset.train_images) // batch_size
 
     @jax.jit
-    def epoch(state, key):
+    def epoch(state, key, images, labels):
         perm = jax.random.permutation(key, images.shape[0])[: steps * batch_size]
 
         def body(state, batch):
@@ -210,7 +210,8 @@ def flax_scan_epoch(dataset, batch_size):
 
     def run():
         holder["epoch"] += 1
-        holder["state"], loss = epoch(holder["state"], jax.random.key(holder["epoch"]))
+        holder["state"], loss = epoch(holder["state"], jax.random.key(holder["epoch"]),
+                                      images, labels)
         return float(loss)
 
     return run
