@@ -74,5 +74,22 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.checkpoint_keep = 3  # checkpoints kept in workdir/checkpoints
 
+    # Compression (jopt.pruning, jopt.quantization): see fashion_mnist_pruned.py,
+    # fashion_mnist_pruned_2_4.py, fashion_mnist_qat_int4.py. Off by default.
+    config.pruning = ml_collections.ConfigDict()
+    config.pruning.schedule = "none"  # "none" | "one_shot" | "constant" | "polynomial"
+    config.pruning.initial_sparsity = 0.0  # polynomial: the sparsity at begin_epoch
+    config.pruning.final_sparsity = 0.9  # fraction of kernel weights zeroed ("2:4": 0.5)
+    config.pruning.begin_epoch = 1.0  # first mask update (one_shot: the only one)
+    config.pruning.end_epoch = 4.0  # polynomial: final sparsity reached; constant: last update
+    config.pruning.frequency = 50  # steps between mask updates
+    config.pruning.granularity = "per_layer"  # "per_layer" | "global" (one threshold)
+    config.pruning.structure = "unstructured"  # "unstructured" | "N:M", e.g. "2:4"
+
+    # Quantization-aware training; `jopt quantize --workdir DIR` quantizes after training.
+    config.quantization = ml_collections.ConfigDict()
+    config.quantization.weights = placeholder(str)  # None | "int8" | "int4" | "ternary" | "binary"
+    config.quantization.activations = placeholder(str)  # None | "int8" (one scale per example)
+
     config.lock()
     return config

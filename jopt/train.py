@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from jopt import checkpoints
 from jopt import data as data_lib
-from jopt import optimizers, schedules, storage
+from jopt import optimizers, pruning, quantization, schedules, storage
 from jopt.flat import FlatParams
 from jopt.models import CNN, MLP
 
@@ -70,6 +70,7 @@ __all__ = [
     "build_eval_fn",
     "create_model",
     "create_optimizer",
+    "create_pruning",
     "create_schedule",
     "epoch_key",
     "evaluate_checkpoint",
@@ -80,6 +81,7 @@ __all__ = [
     "make_train_step",
     "plot_curves",
     "prepare_eval_data",
+    "quantize_checkpoint",
     "read_metrics",
     "shuffle_batches",
     "train_and_evaluate",
@@ -104,6 +106,7 @@ MODELS = ("mlp", "cnn")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARALLEL_MODES = ("none",)
+PRUNING_SCHEDULES = ("none", "one_shot", "constant", "polynomial")
 
 # Keys of config.optimizer that are not optimizer keyword arguments.
 _OPTIMIZER_META_KEYS = ("name", "learning_rate", "schedule", "clip_global_norm", "state_storage")
@@ -176,7 +179,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if any(size < 1 for size in config.model.hidden_sizes):
         raise ConfigError(f"config.model.hidden_sizes must be positive, got "
                           f"{tuple(config.model.hidden_sizes)}.")
-    create_optimizer(config, steps_per_epoch=1)  # checks every optimizer key
+    create_optimizer(config, steps_per_epoch=1)  # checks every optimizer and pruning key
+    _check_quantization(config)
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -194,10 +198,26 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = 10) -> nn
     # float32 leaves dtype=None: Flax then computes in the parameters' dtype.
     dtype = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
     hidden = tuple(int(size) for size in config.model.hidden_sizes)
+    quantize = _check_quantization(config)
     if config.model.name == "mlp":
-        return MLP(hidden_sizes=hidden, num_classes=num_classes, dtype=dtype)
+        return MLP(hidden_sizes=hidden, num_classes=num_classes, dtype=dtype, **quantize)
     features = tuple(int(f) for f in config.model.conv_features)
-    return CNN(conv_features=features, hidden_sizes=hidden, num_classes=num_classes, dtype=dtype)
+    return CNN(conv_features=features, hidden_sizes=hidden, num_classes=num_classes, dtype=dtype,
+               **quantize)
+
+
+def _check_quantization(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """The model's QAT options from ``config.quantization`` (absent in older configs)."""
+    settings = config.get("quantization")
+    if settings is None:
+        return {}
+    if settings.weights is not None:
+        try:
+            quantization.resolve_mode(settings.weights)
+        except ValueError as e:
+            raise ConfigError(f"config.quantization.weights: {e}") from None
+    _check_choice("config.quantization.activations", settings.activations, (None, "int8"))
+    return {"quantize_weights": settings.weights, "quantize_activations": settings.activations}
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -299,7 +319,70 @@ def create_optimizer(
                 f"got {opt.clip_global_norm}."
             )
         tx = optax.chain(optax.clip_by_global_norm(opt.clip_global_norm), tx)
-    return tx
+    return create_pruning(config, tx, steps_per_epoch)
+
+
+def create_pruning(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+    """``tx`` wrapped in :func:`jopt.pruning.prune` as ``config.pruning`` describes.
+
+    ``schedule="none"`` (or a config without ``pruning``) returns ``tx`` unchanged.
+    ``begin_epoch``/``end_epoch`` become steps with ``steps_per_epoch``.
+
+    Raises:
+      ConfigError: an invalid ``config.pruning`` value (the message names the key).
+    """
+    settings = config.get("pruning")
+    if settings is None or settings.schedule == "none":
+        return tx
+    _check_choice("config.pruning.schedule", settings.schedule, PRUNING_SCHEDULES)
+    if settings.begin_epoch < 0 or (
+            settings.schedule != "one_shot" and settings.end_epoch <= settings.begin_epoch):
+        raise ConfigError(
+            f"config.pruning.end_epoch={settings.end_epoch} must be greater than "
+            f"config.pruning.begin_epoch={settings.begin_epoch} (and begin_epoch >= 0)."
+        )
+    begin = int(round(settings.begin_epoch * steps_per_epoch))
+    end = max(begin + 1, int(round(settings.end_epoch * steps_per_epoch)))
+    try:
+        if settings.schedule == "one_shot":
+            schedule = pruning.one_shot(settings.final_sparsity, step=begin)
+        elif settings.schedule == "constant":
+            schedule = pruning.constant_sparsity(settings.final_sparsity, begin_step=begin,
+                                                 end_step=end, frequency=settings.frequency)
+        else:
+            schedule = pruning.polynomial_decay(settings.initial_sparsity,
+                                                settings.final_sparsity, begin, end,
+                                                frequency=settings.frequency)
+        return pruning.prune(tx, schedule, granularity=settings.granularity,
+                             structure=settings.structure)
+    except ValueError as e:
+        raise ConfigError(f"config.pruning: {e}") from None
+
+
+def compression_metrics(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
+    """Sparsity and model bytes for a pruned or QAT run (empty otherwise).
+
+    Pruning: ``sparsity`` (over the kernels), ``dense_bytes`` and ``sparse_bytes``
+    (the stripped model, :func:`jopt.pruning.strip`). QAT: ``float32_bytes`` and
+    ``quantized_bytes`` (:func:`jopt.quantization.size_report`).
+    """
+    pruned = config.get("pruning") is not None and config.pruning.schedule != "none"
+    mode = config.quantization.weights if config.get("quantization") is not None else None
+    if not (pruned or mode):
+        return {}
+    params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
+    params = jax.device_get(params)
+    record = {}
+    if pruned:
+        report = pruning.size_report(params, pruning.masks_from_state(state.opt_state))
+        record.update(sparsity=report["sparsity"], dense_bytes=report["dense_bytes"],
+                      sparse_bytes=report["sparse_bytes"])
+    if mode:
+        report = quantization.size_report(params, quantization.quantize_params(params, mode))
+        record.update(float32_bytes=report["float32_bytes"],
+                      quantized_bytes=report["quantized_bytes"])
+    return record
 
 
 # --------------------------------------------------------------------------- step
@@ -542,8 +625,9 @@ def _resume(checkpoint_manager, state: TrainState, config, metrics_path: Path):
         start_epoch = meta["epoch"]
         tqdm.write(f"Resuming from {checkpoint_manager.directory}/{start_epoch}",
                    file=sys.stdout)
-    history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-    write_metrics(metrics_path, history)
+    records = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+    write_metrics(metrics_path, records)
+    history = [r for r in records if "event" not in r]  # `jopt quantize` adds events
     return state, start_epoch, history
 
 
@@ -635,6 +719,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 "test_accuracy": float(test["accuracy"]),
                 "epoch_time_s": epoch_time,
                 "eval_time_s": time.perf_counter() - start,
+                **compression_metrics(config, state),
             }
             history.append(record)
             # Metrics before the checkpoint: a run killed in between redoes the
@@ -699,3 +784,64 @@ def evaluate_checkpoint(workdir: str | os.PathLike, *,
     result = jax.device_get(build_eval_fn(apply_fn)(state.params, eval_data))
     return {"epoch": meta["epoch"], "test_loss": float(result["loss"]),
             "test_accuracy": float(result["accuracy"]), "num_test": len(dataset.test_images)}
+
+
+def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
+                        dataset: data_lib.Dataset | None = None) -> dict[str, Any]:
+    """Post-training quantization of the last checkpoint in ``workdir`` (``jopt quantize``).
+
+    Quantizes every dense kernel per output channel (:func:`jopt.quantization.quantize_params`),
+    evaluates the test set with integer inference (int8 x int8 -> int32 matmuls,
+    :func:`jopt.quantization.quantized_apply`) next to the float model, writes
+    ``workdir/quantized_<mode>.npz`` (codes bit-packed) and appends the result to
+    ``metrics.jsonl`` as a record with ``"event": "quantize"``.
+
+    Args:
+      workdir: directory of a ``jopt train`` run.
+      mode: ``"int8"``, ``"int4"``, ``"ternary"`` or ``"binary"``; default: the
+        run's ``config.quantization.weights`` (its QAT mode), else ``"int8"``.
+      dataset: use this data set instead of loading the run's.
+
+    Returns:
+      The record: ``epoch``, ``event``, ``mode``, ``float_test_accuracy``,
+      ``test_accuracy``, ``test_loss``, ``float32_bytes``, ``quantized_bytes``,
+      ``compression``, ``weight_compression``, ``file_bytes``.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
+      ValueError: an unsupported ``mode``.
+    """
+    config, model, state, meta = load_checkpoint(workdir)
+    trained_mode = config.quantization.weights if config.get("quantization") is not None else None
+    mode = quantization.resolve_mode(mode or trained_mode or "int8")
+    dataset = _load_dataset(config) if dataset is None else _subset(config, dataset)
+    eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
+                                  config.eval_batch_size)
+    params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
+    float_result = build_eval_fn(make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype]))(
+        params, eval_data)
+
+    def integer_apply(qvariables, images):
+        x = images.astype(jnp.float32) * (1.0 / 255.0)
+        return quantization.quantized_apply(model, qvariables, x).astype(jnp.float32)
+
+    qvariables = quantization.quantize_params(params, mode)
+    result = jax.device_get(build_eval_fn(integer_apply)(qvariables, eval_data))
+    sizes = quantization.size_report(params, qvariables)
+    path = Path(workdir) / f"quantized_{mode}.npz"
+    record = {
+        "epoch": meta["epoch"],
+        "event": "quantize",
+        "mode": mode,
+        "float_test_accuracy": float(float_result["accuracy"]),
+        "test_accuracy": float(result["accuracy"]),
+        "test_loss": float(result["loss"]),
+        "float32_bytes": sizes["float32_bytes"],
+        "quantized_bytes": sizes["quantized_bytes"],
+        "compression": sizes["ratio"],
+        "weight_compression": sizes["weight_ratio"],
+        "file_bytes": quantization.save_quantized(path, qvariables),
+    }
+    with (Path(workdir) / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record

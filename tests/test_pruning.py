@@ -1,6 +1,8 @@
 """Tests for jopt.pruning: schedules, masks, the optimizer wrapper, sparse export."""
 
 import doctest
+import json
+import pathlib
 
 import hypothesis
 import hypothesis.strategies as st
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 
 import jopt
-from jopt import pruning
+from jopt import data, pruning, train
+from jopt.cli import load_config
 from jopt.flat import FlatParams
 
 
@@ -312,3 +315,46 @@ def test_load_rejects_foreign_files(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(pruning, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- jopt train integration
+
+
+CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def fashion_small():
+    return data.subset(data.load("fashion_mnist", download=False), train=640, test=200)
+
+
+def test_pruned_config_trains_sparse_and_logs_sizes(tmp_path, fashion_small):
+    # 10 steps per epoch; pruning from step 5 to step 15, masks every 2 steps.
+    config = load_config(CONFIG_DIR / "fashion_mnist_pruned.py", [
+        "--config.num_epochs=2", "--config.batch_size=64", "--config.pruning.begin_epoch=0.5",
+        "--config.pruning.end_epoch=1.5", "--config.pruning.frequency=2"])
+    result = train.train_and_evaluate(config, tmp_path, dataset=fashion_small)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert 0 < records[0]["sparsity"] < 0.9
+    assert records[1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert records[1]["dense_bytes"] / records[1]["sparse_bytes"] > 5
+    masks = pruning.masks_from_state(result.state.opt_state)
+    params = result.state.params
+    assert all(bool(jnp.all(jnp.where(m, True, p == 0)))
+               for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)))
+    assert records[1]["test_accuracy"] > 0.5
+
+
+def test_pruning_config_errors_name_the_key(fashion_small, tmp_path):
+    for overrides, message in [
+        (["--config.pruning.final_sparsity=1.0"], r"config.pruning: final_sparsity must be in"),
+        (["--config.pruning.schedule=gradual"], r"config.pruning.schedule='gradual'"),
+        (["--config.pruning.end_epoch=0.5"], r"config.pruning.end_epoch"),
+        (["--config.pruning.structure=2:4"], r"config.pruning: N:M .* no global variant"),
+        (["--config.pruning.structure=2:4", "--config.pruning.granularity=per_layer"],
+         r"config.pruning: structure '2:4' fixes the sparsity at 0.5"),
+    ]:
+        config = load_config(CONFIG_DIR / "fashion_mnist_pruned.py", overrides)
+        with pytest.raises(train.ConfigError, match=message):
+            train.validate_config(config)
