@@ -40,14 +40,16 @@ _DESCRIPTION = """\
 jopt: train and evaluate Flax models with jopt optimizers.
 
 commands:
-  train   train a model from a config file; resumes if WORKDIR holds checkpoints
-  eval    evaluate the last checkpoint in WORKDIR on the test set
+  train     train a model from a config file; resumes if WORKDIR holds checkpoints
+  eval      evaluate the last checkpoint in WORKDIR on the test set
+  quantize  post-training quantization of WORKDIR's last checkpoint (integer inference)
 
 examples:
   jopt train --config configs/default.py --workdir runs/mnist
   jopt train --config configs/fashion_mnist_mlp.py --workdir runs/fmnist \\
       --config.optimizer.learning_rate=3e-4 --config.num_epochs=10
   jopt eval --workdir runs/fmnist
+  jopt quantize --workdir runs/fmnist --mode int8
 """
 
 _TRAIN_EPILOG = """\
@@ -201,6 +203,17 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False)
     evaluate.add_argument("--workdir", required=True, metavar="DIR",
                           help="directory of a `jopt train` run")
+    quantize = commands.add_parser(
+        "quantize", help="post-training quantization of WORKDIR's last checkpoint",
+        description="Quantize the dense kernels of WORKDIR's last checkpoint per output "
+                    "channel, evaluate the test set with integer inference (int8 x int8 -> "
+                    "int32 matmuls), write WORKDIR/quantized_MODE.npz and append the "
+                    "accuracy and sizes to WORKDIR/metrics.jsonl.",
+        allow_abbrev=False)
+    quantize.add_argument("--workdir", required=True, metavar="DIR",
+                          help="directory of a `jopt train` run")
+    quantize.add_argument("--mode", choices=("int8", "int4", "ternary", "binary"), default=None,
+                          help="weight codes (default: the run's QAT mode, else int8)")
     return parser
 
 
@@ -237,6 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             config = load_config(args.config, overrides)
             train.train_and_evaluate(config, args.workdir)
+        elif args.command == "quantize":
+            record = train.quantize_checkpoint(args.workdir, mode=args.mode)
+            print(f"{record['mode']}: test_accuracy {100 * record['test_accuracy']:.2f}% "
+                  f"(float32 {100 * record['float_test_accuracy']:.2f}%), "
+                  f"{record['float32_bytes']:,} -> {record['quantized_bytes']:,} bytes "
+                  f"({record['compression']:.2f}x); wrote {record['file_bytes']:,} bytes to "
+                  f"{args.workdir}/quantized_{record['mode']}.npz")
         else:
             metrics = train.evaluate_checkpoint(args.workdir)
             print(f"test_loss {metrics['test_loss']:.4f}  "

@@ -1,6 +1,8 @@
 """Tests for jopt.quantization: fake quantization + STE, QuantDense, int8 PTQ and inference."""
 
 import doctest
+import json
+import pathlib
 import re
 
 import flax.linen as nn
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 import jopt
-from jopt import quantization
+from jopt import cli, quantization, train
+from jopt.cli import load_config
+from jopt.models import MLP
 from jopt.quantization import QuantDense, QuantizedTensor
 
 MODES = ["int8", "int4", "ternary", "binary"]
@@ -223,3 +227,63 @@ def test_int4_packing_covers_the_code_range(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(quantization, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- jopt train / quantize
+
+
+CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_qat_config_then_jopt_quantize(tmp_path, capsys):
+    workdir = tmp_path / "int4"
+    small = ["--config.batch_size=64", "--config.train_subset=640", "--config.test_subset=200"]
+    assert cli.main(["train", "--config", str(CONFIG_DIR / "fashion_mnist_qat_int4.py"),
+                     "--workdir", str(workdir), "--config.num_epochs=1", *small]) == 0
+    (trained,) = _records(workdir)
+    assert trained["quantized_bytes"] < trained["float32_bytes"] / 7
+    assert cli.main(["quantize", "--workdir", str(workdir)]) == 0
+    assert "int4" in capsys.readouterr().out
+    exported = _records(workdir)[-1]
+    assert exported["event"] == "quantize" and exported["mode"] == "int4"
+    assert exported["epoch"] == 1 and (workdir / "quantized_int4.npz").exists()
+    assert exported["quantized_bytes"] == trained["quantized_bytes"]
+    # The export has the codes QAT trained with; only the int8 activations differ.
+    assert abs(exported["test_accuracy"] - trained["test_accuracy"]) <= 0.02
+    assert exported["file_bytes"] < exported["float32_bytes"] / 5
+    # A later `jopt train` on the same workdir still resumes (event records are kept).
+    assert cli.main(["train", "--config", str(CONFIG_DIR / "fashion_mnist_qat_int4.py"),
+                     "--workdir", str(workdir), "--config.num_epochs=2", *small]) == 0
+    assert [r.get("event", "epoch") for r in _records(workdir)] == ["epoch", "quantize", "epoch"]
+
+
+def test_jopt_quantize_rejects_an_unknown_mode(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--workdir", str(tmp_path), "--mode", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_quantization_config_errors_name_the_key():
+    for overrides, message in [
+        (["--config.quantization.weights=int3"], "config.quantization.weights"),
+        (["--config.quantization.activations=int4"], "config.quantization.activations"),
+    ]:
+        config = load_config(CONFIG_DIR / "fashion_mnist_qat_int4.py", overrides)
+        with pytest.raises(train.ConfigError, match=message):
+            train.validate_config(config)
+
+
+def test_models_quantization_option():
+    float_model, qat_model = MLP(), MLP(quantize_weights="ternary")
+    images = jnp.linspace(0.0, 1.0, 2 * 784).reshape(2, 28, 28)
+    variables = float_model.init(jax.random.key(0), images)
+    assert jax.tree.structure(qat_model.init(jax.random.key(0), images)) == jax.tree.structure(
+        variables)
+    ternary = jax.tree.map(
+        lambda p: quantization.fake_quantize(p, "ternary") if p.ndim == 2 else p, variables)
+    np.testing.assert_allclose(qat_model.apply(variables, images),
+                               float_model.apply(ternary, images), rtol=1e-5, atol=1e-6)
