@@ -31,7 +31,7 @@ def test_mlp_relu_layers_make_it_nonlinear():
     assert not jnp.allclose(total, 2 * apply(params, jnp.zeros_like(x)), atol=1e-4)
 
 
-@pytest.mark.parametrize("model", [MLP(dtype=jnp.bfloat16), CNN((4, 8), (16,), dtype=jnp.bfloat16)])
+@pytest.mark.parametrize("model", [MLP(dtype=jnp.bfloat16), CNN((2, 4), (8,), dtype=jnp.bfloat16)])
 def test_bfloat16_compute_with_float32_params_and_gradients(model):
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
@@ -42,9 +42,9 @@ def test_bfloat16_compute_with_float32_params_and_gradients(model):
 
 
 def test_cnn_accepts_images_with_or_without_a_channel_axis():
-    model = CNN(conv_features=(4, 8), hidden_sizes=(16,), num_classes=10)
+    model = CNN(conv_features=(2, 4), hidden_sizes=(8,), num_classes=10)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
-    assert params["params"]["head"]["hidden_0"]["kernel"].shape == (7 * 7 * 8, 16)
+    assert params["params"]["head"]["hidden_0"]["kernel"].shape == (7 * 7 * 4, 8)
     x = jax.random.uniform(jax.random.key(1), (2, 28, 28))
     apply = jax.jit(model.apply)
     logits = apply(params, x)
