@@ -54,7 +54,7 @@ examples:
 
 _TRAIN_EPILOG = """\
 config overrides:
-  Any config key can be set on the command line, after the options above:
+  Any config key can be set on the command line:
     --config.num_epochs=10
     --config.optimizer.name=adamw --config.optimizer.weight_decay=1e-4
     --config.optimizer.schedule.name=warmup_cosine
@@ -187,8 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = commands.add_parser(
         "train", help="train a model from a config file (resumes from WORKDIR's checkpoints)",
-        description="Train a model from a config file, evaluating on the test set after "
-                    "every epoch. Running it again on the same WORKDIR resumes.",
+        description="Train a model from a config file, evaluating on the test set after\n"
+                    "every epoch. Running it again on the same WORKDIR resumes from its last\n"
+                    "checkpoint.",
         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
         usage="jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
