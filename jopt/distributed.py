@@ -1,4 +1,4 @@
-"""Multi-host runs: `jax.distributed.initialize` from flags, config or environment.
+"""Multi-host runs: joining one (`jax.distributed.initialize`) and taking part in it.
 
 Several processes (one per host, or several per host on CPU) train one model
 together: process 0 runs a coordinator at ``HOST:PORT``, every process connects
@@ -16,6 +16,10 @@ num_processes         ``JOPT_NUM_PROCESSES``  processes taking part
 process_id            ``JOPT_PROCESS_ID``     this process, ``0 .. N-1``
 ====================  ======================  ===================================
 
+A training loop that is one of several processes logs from process 0 only
+(:func:`is_primary_process`) and checkpoints arrays replicated over all processes
+(:func:`to_global_arrays`; orbax refuses process-local arrays in a multi-process run).
+
 On CPU, cross-process collectives use gloo (``jax_cpu_collectives_implementation``;
 jax 0.10 also offers ``"mpi"``).
 
@@ -31,11 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "DistributedConfig",
-           "DistributedConfigError", "initialize", "resolve"]
+           "DistributedConfigError", "initialize", "is_primary_process", "resolve",
+           "to_global_arrays", "to_local_arrays"]
 
 ENV_COORDINATOR = "JOPT_COORDINATOR"
 ENV_NUM_PROCESSES = "JOPT_NUM_PROCESSES"
@@ -166,3 +175,29 @@ def initialize(
         initialization_timeout=initialization_timeout,
     )
     return config
+
+
+def is_primary_process() -> bool:
+    """Whether this process writes a multi-process run's logs (process 0; always, alone)."""
+    return jax.process_index() == 0
+
+
+def to_global_arrays(tree: Any) -> Any:
+    """Each process's identical copy of ``tree`` as arrays replicated over all processes.
+
+    What orbax needs to checkpoint a multi-process run (it refuses process-local
+    arrays there); in a single process ``tree`` is returned as it is.
+    """
+    if jax.process_count() == 1:
+        return tree
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("replica",)), P())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x.addressable_data(0))), tree)
+
+
+def to_local_arrays(tree: Any, like: Any) -> Any:
+    """The inverse of :func:`to_global_arrays`: this process's copy, placed like ``like``."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x, y: jax.device_put(x.addressable_data(0), y.sharding),
+                        tree, like)

@@ -113,9 +113,6 @@ __all__ = [
     "communication_bytes",
     "int8_pmean",
     "int8_psum_scatter_mean",
-    "is_primary_process",
-    "to_global_arrays",
-    "to_local_arrays",
 ]
 
 AXIS_NAME = "batch"
@@ -965,31 +962,6 @@ class LoopEpochs:
         self._kept = (new_state, sharded)
         num_correct = jnp.round(jnp.sum(metrics.aux) * trainer.num_devices).astype(jnp.int32)
         return new_state, {"loss_sum": jnp.sum(metrics.loss), "num_correct": num_correct}
-
-
-def is_primary_process() -> bool:
-    """Whether this process writes a multi-process run's logs (process 0; always, alone)."""
-    return jax.process_index() == 0
-
-
-def to_global_arrays(tree: Any) -> Any:
-    """Each process's identical copy of ``tree`` as arrays replicated over all processes.
-
-    What orbax needs to checkpoint a multi-process run (it refuses process-local
-    arrays there); in a single process ``tree`` is returned as it is.
-    """
-    if jax.process_count() == 1:
-        return tree
-    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("replica",)), P())
-    return jax.tree.map(lambda x: _put_global(np.asarray(x.addressable_data(0)), sharding), tree)
-
-
-def to_local_arrays(tree: Any, like: Any) -> Any:
-    """The inverse of :func:`to_global_arrays`: this process's copy, placed like ``like``."""
-    if jax.process_count() == 1:
-        return tree
-    return jax.tree.map(lambda x, y: jax.device_put(x.addressable_data(0), y.sharding),
-                        tree, like)
 
 
 def _put_global(local: np.ndarray, sharding: NamedSharding, global_shape=None) -> jax.Array:
