@@ -463,9 +463,10 @@ class DataParallel:
 
     def _memo(self, name: str, key: Any, build: Callable[[], Any]) -> Any:
         """``build()``, once per (name, key): jitted helpers are traced and compiled once."""
-        if (name, key) not in self._compiled:
-            self._compiled[name, key] = build()
-        return self._compiled[name, key]
+        key = (name, key, self._flat_input_layout)
+        if key not in self._compiled:
+            self._compiled[key] = build()
+        return self._compiled[key]
 
     # ZeRO-1 keeps the parameters as a FlatParams padded to a multiple of N * 256. A
     # tree is packed; a FlatParams (a training loop's flat mode) is only padded, and
@@ -585,10 +586,12 @@ class DataParallel:
     def checkpoint_state(self, state: TrainState) -> TrainState:
         """A device-count independent copy of ``state`` for checkpoints.
 
-        Parameters are the tree given to :meth:`init`. With ``"zero1"`` the optimizer
-        state is gathered from the devices, its padding dropped, and stored as
-        ``optimizer.init(FlatParams.pack(params))`` would store it - so it resumes on
-        any number of devices (and under ``"shard_map"`` on a ``FlatParams`` too).
+        Parameters are in the form given to :meth:`init`. With ``"zero1"`` the
+        optimizer state is gathered from the devices, its padding dropped, and stored
+        as a one-device run on the unpadded flat parameters stores it
+        (``optimizer.init(FlatParams.pack(params))``, or ``optimizer.init(params)``
+        for a ``FlatParams``) - so it resumes on any number of devices, and with any
+        strategy that is given those flat parameters.
         Compression residuals keep one row per device; on another device count they
         restart from zero.
         """
