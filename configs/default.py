@@ -70,7 +70,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.flat_params = True  # differentiate w.r.t. jopt.flat.FlatParams (fused updates)
     config.compute_dtype = "float32"  # "float32" | "bfloat16" (float32 master params)
     config.steps_per_chunk = 0  # steps per jitted scan; 0: the whole epoch in one scan
+    # Data parallelism (jopt.parallel): "none" | "pmap" | "shard_map" | "zero1"; the
+    # batch size must be a multiple of the device count.
     config.parallel = "none"
+    config.gradient_compression = placeholder(str)  # None | "int8" (data-parallel only)
+    # Multi-host runs (jax.distributed); --coordinator/--num-processes/--process-id
+    # override these, and JOPT_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID fill them in.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator = placeholder(str)  # "HOST:PORT" of process 0
+    config.distributed.num_processes = placeholder(int)
+    config.distributed.process_id = placeholder(int)
 
     config.checkpoint_keep = 3  # checkpoints kept in workdir/checkpoints
 

@@ -49,6 +49,8 @@ examples:
   jopt train --config configs/fashion_mnist_mlp.py --workdir runs/fmnist \\
       --config.optimizer.learning_rate=3e-4 --config.num_epochs=10
   jopt eval --workdir runs/fmnist
+  jopt train --config configs/fashion_mnist_shard_map.py --workdir runs/mh \\
+      --coordinator 10.0.0.1:9876 --num-processes 2 --process-id 0   # on each host
   jopt quantize --workdir runs/fmnist --mode int8
 """
 
@@ -192,11 +194,22 @@ def _parser() -> argparse.ArgumentParser:
                     "checkpoint.",
         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
-        usage="jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
+        usage="jopt train --config FILE --workdir DIR [--config.KEY=VALUE ...]\n"
+              "                  [--coordinator HOST:PORT --num-processes N --process-id I]")
     train.add_argument("--config", required=True, metavar="FILE",
                        help="Python file with get_config(), e.g. configs/default.py")
     train.add_argument("--workdir", required=True, metavar="DIR",
                        help="output directory (metrics, curves, checkpoints)")
+    hosts = train.add_argument_group(
+        "multi-host (jax.distributed)",
+        "Run the same command in every process, each with its own --process-id. Also "
+        "read from config.distributed.* and JOPT_COORDINATOR, JOPT_NUM_PROCESSES, "
+        "JOPT_PROCESS_ID; flags win.")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address where process 0 listens, reachable from every process")
+    hosts.add_argument("--num-processes", type=int, metavar="N",
+                       help="number of processes taking part")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
     evaluate = commands.add_parser(
         "eval", help="evaluate the last checkpoint in WORKDIR on the test set",
         description="Evaluate the last checkpoint in WORKDIR on the test set, with the "
@@ -243,13 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
 
     # Imported here, not at the top: they import jax, and --help should be instant.
-    from jopt import checkpoints, data, train
+    from jopt import checkpoints, data, distributed, train
 
     user_errors = (ConfigFileError, ConfigOverrideError, train.ConfigError, checkpoints.CheckpointMismatchError,
-                   data.DatasetNotFoundError, FileNotFoundError)
+                   data.DatasetNotFoundError, FileNotFoundError,
+                   distributed.DistributedConfigError)
     try:
         if args.command == "train":
             config = load_config(args.config, overrides)
+            hosts = config.distributed
+            distributed.initialize(  # before anything touches the devices
+                args.coordinator or hosts.coordinator,
+                hosts.num_processes if args.num_processes is None else args.num_processes,
+                hosts.process_id if args.process_id is None else args.process_id)
             train.train_and_evaluate(config, args.workdir)
         elif args.command == "quantize":
             record = train.quantize_checkpoint(args.workdir, mode=args.mode)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from jopt import checkpoints
 from jopt import data as data_lib
-from jopt import optimizers, pruning, quantization, schedules, storage
+from jopt import distributed, optimizers, parallel, pruning, quantization, schedules, storage
 from jopt.flat import FlatParams
 from jopt.models import CNN, MLP
 
@@ -105,7 +105,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 MODELS = ("mlp", "cnn")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PARALLEL_MODES = ("none",)
+PARALLEL_MODES = ("none", "pmap", "shard_map", "zero1")  # see jopt.parallel
 PRUNING_SCHEDULES = ("none", "one_shot", "constant", "polynomial")
 
 # Keys of config.optimizer that are not optimizer keyword arguments.
@@ -164,6 +164,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_choice("config.model.name", config.model.name, MODELS)
     _check_choice("config.compute_dtype", config.compute_dtype, sorted(COMPUTE_DTYPES))
     _check_choice("config.parallel", config.parallel, PARALLEL_MODES)
+    _check_data_parallel(config)
     for key in ("num_epochs", "batch_size", "eval_batch_size", "checkpoint_keep"):
         minimum = 0 if key == "num_epochs" else 1
         if config[key] < minimum:
@@ -181,6 +182,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"{tuple(config.model.hidden_sizes)}.")
     create_optimizer(config, steps_per_epoch=1)  # checks every optimizer and pruning key
     _check_quantization(config)
+
+
+def _check_data_parallel(config: ml_collections.ConfigDict) -> None:
+    compression = config.gradient_compression
+    if compression is not None:
+        _check_choice("config.gradient_compression", compression, ["int8"])
+        if config.parallel == "none":
+            raise ConfigError(
+                f"config.gradient_compression={compression!r} compresses the gradient exchange "
+                "between devices; set config.parallel to 'pmap', 'shard_map' or 'zero1', "
+                "or leave it None.")
+    # ZeRO-1 updates each device's slice of the parameters on its own: the optimizer
+    # must be elementwise (jopt.parallel checks it too, but only once training starts).
+    if config.parallel == "zero1" and config.optimizer.clip_global_norm is not None:
+        raise ConfigError(
+            "config.parallel='zero1' cannot clip by the global norm (config.optimizer."
+            f"clip_global_norm={config.optimizer.clip_global_norm}): each device updates its "
+            "own slice of the parameters. Use config.parallel='shard_map' or set "
+            "config.optimizer.clip_global_norm=None.")
+    pruning_schedule = config.get("pruning", {}).get("schedule", "none")
+    if config.parallel == "zero1" and pruning_schedule != "none":
+        raise ConfigError(
+            f"config.parallel='zero1' cannot prune (config.pruning.schedule="
+            f"{pruning_schedule!r}): pruning thresholds need every weight of a layer, and "
+            "each device updates its own slice. Use config.parallel='shard_map'.")
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -475,6 +501,13 @@ def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
       per-step mean losses) and ``num_correct`` over the chunk.
     """
     _check_choice("config.parallel", config.parallel, PARALLEL_MODES)
+    if config.parallel != "none":  # the same contract over all devices (of all processes)
+        try:
+            return parallel.LoopEpochs(loss_fn, tx, strategy=config.parallel,
+                                       batch_size=config.batch_size,
+                                       compression=config.gradient_compression)
+        except ValueError as e:
+            raise ConfigError(f"config.batch_size={config.batch_size}: {e}") from None
     train_step = make_train_step(loss_fn, tx)
 
     def epoch_fn(state, images, labels, batch_indices):
@@ -618,15 +651,19 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
 
 def _resume(checkpoint_manager, state: TrainState, config, metrics_path: Path):
     """``(state, last finished epoch, history)`` from ``workdir``'s latest checkpoint."""
-    restored = checkpoints.restore_latest(checkpoint_manager, state, config)
+    # Multi-process runs checkpoint arrays replicated over all processes (orbax
+    # refuses process-local ones there); a single process is left as it is.
+    restored = checkpoints.restore_latest(
+        checkpoint_manager, distributed.to_global_arrays(state), config)
     start_epoch = 0
     if restored is not None:
-        state, meta = restored
+        state, meta = distributed.to_local_arrays(restored[0], state), restored[1]
         start_epoch = meta["epoch"]
         tqdm.write(f"Resuming from {checkpoint_manager.directory}/{start_epoch}",
                    file=sys.stdout)
     records = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-    write_metrics(metrics_path, records)
+    if distributed.is_primary_process():  # one process writes a multi-process run's logs
+        write_metrics(metrics_path, records)
     history = [r for r in records if "event" not in r]  # `jopt quantize` adds events
     return state, start_epoch, history
 
@@ -707,7 +744,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
         state, start_epoch, history = _resume(checkpoint_manager, state, config, metrics_path)
-        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+        if distributed.is_primary_process():
+            (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
                       unit="epoch", initial=start_epoch, total=config.num_epochs,
                       file=sys.stderr, disable=None)
@@ -735,10 +773,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             history.append(record)
             # Metrics before the checkpoint: a run killed in between redoes the
             # epoch, and _resume drops the record the checkpoint does not cover.
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            plot_curves(history, workdir / "curves.png")
-            checkpoints.save(checkpoint_manager, epoch, state, config,
+            if distributed.is_primary_process():
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                plot_curves(history, workdir / "curves.png")
+            checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
+                             config,
                              image_shape=list(dataset.train_images.shape[1:]),
                              num_classes=dataset.num_classes)
             epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)

@@ -1,9 +1,10 @@
 """Multi-host data parallelism: 2 processes x 2 CPU devices on 127.0.0.1 (gloo).
 
-The test starts this file as a script twice (``--process-id 0`` and ``1``); each
-process joins the run through :func:`jopt.distributed.initialize`, feeds only its
-own rows of each global batch, trains a few steps with each strategy and writes
-its parameters. They must equal one process training on 4 devices.
+The first test starts this file as a script twice (``--process-id 0`` and ``1``);
+each process joins the run through :func:`jopt.distributed.initialize`, feeds only
+its own rows of each global batch, trains a few steps with each strategy and writes
+its parameters. They must equal one process training on 4 devices. The second runs
+``jopt train --coordinator ...`` in two processes end to end.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,32 @@ def _worker(argv):
     jax.distributed.shutdown()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_processes(commands, env, timeout=120):
+    """Runs the commands concurrently; returns their outputs; fails on a non-zero exit."""
+    procs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for command in commands]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{output[-3000:]}"
+    return outputs
+
+
+def _env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_PLATFORMS="cpu", PYTHONWARNINGS="error")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,25 +119,10 @@ def _free_port() -> int:
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
     import jax
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONWARNINGS="error")
     address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--coordinator", address, "--num-processes", "2",
-         "--process-id", str(i), "--out", str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=90)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for i, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {i} failed:\n{output[-3000:]}"
+    _run_processes([[sys.executable, __file__, "--coordinator", address, "--num-processes",
+                     "2", "--process-id", str(i), "--out", str(tmp_path)] for i in range(2)],
+                   _env())
 
     per_process = [np.load(tmp_path / f"params_{i}.npz") for i in range(2)]
     for strategy in STRATEGIES:
@@ -121,6 +134,33 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
                     err_msg=f"{strategy}: process {i}'s {name} differs from 1 process x 4")
         # Training moved the parameters (the comparison is not of two initial states).
         assert np.abs(reference["w1"] - _problem()[0]["w1"]).max() > 1e-3
+
+
+@pytest.mark.multiprocess
+def test_jopt_train_on_two_processes_is_one_run(tmp_path):
+    """``jopt train --coordinator`` in 2 processes: one set of logs, one-device results."""
+    from jopt import train
+    from jopt.cli import load_config
+
+    overrides = ["--config.train_subset=1024", "--config.test_subset=500",
+                 "--config.num_epochs=1", "--config.batch_size=64"]
+    config_file = str(REPO / "configs" / "fashion_mnist_zero1.py")
+    address = f"127.0.0.1:{_free_port()}"
+    outputs = _run_processes([
+        [sys.executable, "-m", "jopt.cli", "train", "--config", config_file,
+         "--workdir", str(tmp_path / "run"), *overrides, "--coordinator", address,
+         "--num-processes", "2", "--process-id", str(i)] for i in range(2)], _env())
+    assert all("epoch 1/1" in output for output in outputs)
+    records = train.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1]  # written once, by process 0
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+    config = load_config(REPO / "configs" / "fashion_mnist_mlp.py", overrides)
+    expected = train.train_and_evaluate(config, tmp_path / "one_device").metrics
+    for key in ("train_loss", "test_loss"):
+        assert records[0][key] == pytest.approx(expected[key], rel=1e-5), key
+    for key in ("train_accuracy", "test_accuracy"):
+        assert records[0][key] == expected[key], key
 
 
 if __name__ == "__main__":

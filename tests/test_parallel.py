@@ -297,3 +297,24 @@ def test_loop_epochs_follow_the_one_device_loop():
     assert _max_diff(state, expected) < 1e-5
     with pytest.raises(ValueError, match="global batch size 100 does not split evenly"):
         LoopEpochs(loss_fn, tx, strategy="shard_map", batch_size=100)
+
+
+def test_jopt_train_rejects_what_data_parallelism_cannot_do(tmp_path, capsys):
+    from jopt import cli
+
+    config = "configs/fashion_mnist_zero1.py"
+    cases = [
+        (["--config.optimizer.clip_global_norm=1.0"], "'zero1' cannot clip by the global norm"),
+        (["--config.pruning.schedule=one_shot"], "'zero1' cannot prune"),
+        (["--config.parallel=none", "--config.gradient_compression=int8"],
+         "compresses the gradient exchange between devices"),
+        (["--config.gradient_compression=fp8"], "gradient_compression='fp8' is not supported"),
+        (["--config.batch_size=100", "--config.train_subset=512"],
+         "global batch size 100 does not split evenly over 8 devices"),
+        (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+         "--process-id 2 is out of range for --num-processes 2"),
+    ]
+    for arguments, message in cases:
+        assert cli.main(["train", "--config", config, "--workdir", str(tmp_path),
+                         *arguments]) == 2, arguments
+        assert message in capsys.readouterr().err
