@@ -224,12 +224,16 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = 10) -> nn
     # float32 leaves dtype=None: Flax then computes in the parameters' dtype.
     dtype = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
     hidden = tuple(int(size) for size in config.model.hidden_sizes)
-    quantize = _check_quantization(config)
+    options = _check_quantization(config)
+    # Inputs are standardised with the training set's pixel statistics (see MLP).
+    _check_choice("config.dataset", config.dataset, sorted(data_lib.DATASETS))
+    spec = data_lib.DATASETS[config.dataset]
+    options.update(input_mean=spec.pixel_mean, input_std=spec.pixel_std)
     if config.model.name == "mlp":
-        return MLP(hidden_sizes=hidden, num_classes=num_classes, dtype=dtype, **quantize)
+        return MLP(hidden_sizes=hidden, num_classes=num_classes, dtype=dtype, **options)
     features = tuple(int(f) for f in config.model.conv_features)
     return CNN(conv_features=features, hidden_sizes=hidden, num_classes=num_classes, dtype=dtype,
-               **quantize)
+               **options)
 
 
 def _check_quantization(config: ml_collections.ConfigDict) -> dict[str, str | None]:
