@@ -202,9 +202,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="output directory (metrics, curves, checkpoints)")
     hosts = train.add_argument_group(
         "multi-host (jax.distributed)",
-        "Run the same command in every process, each with its own --process-id. Also "
-        "read from config.distributed.* and JOPT_COORDINATOR, JOPT_NUM_PROCESSES, "
-        "JOPT_PROCESS_ID; flags win.")
+        "Run the same command in every process, each with its own --process-id.\n"
+        "Also read from config.distributed.* and from JOPT_COORDINATOR,\n"
+        "JOPT_NUM_PROCESSES, JOPT_PROCESS_ID; flags win.")
     hosts.add_argument("--coordinator", metavar="HOST:PORT",
                        help="address where process 0 listens, reachable from every process")
     hosts.add_argument("--num-processes", type=int, metavar="N",
