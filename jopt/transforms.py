@@ -261,22 +261,20 @@ def scale_by_rms(
     check_in_range("eps", eps, 0.0)
     check_in_range("initial_scale", initial_scale, 0.0)
 
+    def corrected(moment, count):
+        return _bias_correction(moment, decay, count) if bias_correction else moment
+
     def rule(grad, moments, count):
+        nu = (1 - decay) * _abs_sq(grad) + decay * moments[-1]
+        variance = corrected(nu, count)
         if centered:
-            mu, nu = moments
-            mu = (1 - decay) * grad + decay * mu
-        else:
-            (nu,) = moments
-        nu = (1 - decay) * _abs_sq(grad) + decay * nu
-        mu_hat = (_bias_correction(mu, decay, count) if bias_correction else mu) if centered else 0.0
-        nu_hat = _bias_correction(nu, decay, count) if bias_correction else nu
-        variance = nu_hat - _abs_sq(mu_hat) if centered else nu_hat
+            mu = (1 - decay) * grad + decay * moments[0]
+            variance = variance - _abs_sq(corrected(mu, count))
         if eps_in_sqrt:
             scale = jax.lax.rsqrt(variance + eps)
         else:
             scale = 1 / (jnp.sqrt(variance) + eps)
-        new_moments = (mu, nu) if centered else (nu,)
-        return scale * grad, new_moments
+        return scale * grad, ((mu, nu) if centered else (nu,))
 
     nu = Moment("nu", signed=False, initial_value=initial_scale)
     if centered:
