@@ -81,7 +81,17 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "state_storage": config.optimizer.state_storage,
         "flat_params": config.flat_params,
         "dataset": config.dataset,
+        "quantization": _qat_identity(config),
     }
+
+
+def _qat_identity(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    # A QAT model has the float model's parameter names and shapes, so only the
+    # config tells them apart; None when training is not quantization-aware.
+    settings = config.get("quantization")
+    if settings is None or (settings.weights is None and settings.activations is None):
+        return None
+    return {"weights": settings.weights, "activations": settings.activations}
 
 
 def describe_state(state: Any) -> list[str]:
@@ -158,7 +168,8 @@ _FIX = ("Use a fresh --workdir for this config, or set those keys back to the "
 def _check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
     keys = {"model": "config.model", "optimizer": "config.optimizer.name",
             "state_storage": "config.optimizer.state_storage",
-            "flat_params": "config.flat_params", "dataset": "config.dataset"}
+            "flat_params": "config.flat_params", "dataset": "config.dataset",
+            "quantization": "config.quantization"}
     differences = [
         f"  {keys[k]}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
         for k in keys if saved.get(k) != current[k]

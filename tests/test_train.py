@@ -237,6 +237,8 @@ def test_checkpoints_keep_the_last_few(runs):
         ({"optimizer.state_storage": "int8"},
          "config.optimizer.state_storage: checkpoint None, config 'int8'"),
         ({"optimizer.clip_global_norm": 1.0}, "another structure"),
+        ({"quantization.weights": "int4"},
+         "config.quantization: checkpoint None, config {'weights': 'int4'"),
     ],
 )
 def test_checkpoint_of_another_run_is_a_clear_error(runs, fashion, tmp_path, overrides, expected):
