@@ -7,7 +7,8 @@ of the state). Orbax writes a step into a temporary directory and renames it whe
 complete, so a run killed at any moment leaves only whole checkpoints behind.
 
 Restoring first compares the checkpoint's identity - the model, the optimizer and
-its state storage, flat or tree parameters, the data set - and the state's
+its state storage, flat or tree parameters, the data set, quantization-aware
+training - and the state's
 structure with what the current config would build, and raises
 :class:`CheckpointMismatchError` naming both sides instead of failing deep inside
 orbax (or silently loading parameters into the wrong model). Other keys (learning
