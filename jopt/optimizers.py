@@ -139,13 +139,29 @@ def momentum(
     dampening: float = 0.0,
     state_storage: StateStorageLike = None,
 ) -> GradientTransformationExtraArgs:
-    """Heavy-ball momentum (or its EMA form with ``dampening=momentum``).
+    r"""Heavy-ball momentum, or its EMA form with ``dampening=momentum``.
 
-    Same as ``sgd(learning_rate, momentum, dampening=...)``; see :func:`sgd`.
+    ``v ← βv + (1−d)g``, ``θ ← θ − αv``; with ``d = 0`` this is Polyak's
+    ``θ_{t+1} = θ_t − α∇J(θ_t) + β(θ_t − θ_{t−1})``, with ``d = β`` the velocity is an
+    exponential moving average of the gradients. Same as
+    ``sgd(learning_rate, momentum, dampening=...)``.
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+      momentum: ``β`` in [0, 1].
+      dampening: ``d`` in [0, 1).
+      state_storage: how the velocity is stored (see :mod:`jopt.storage`).
 
     Example:
-      >>> import jopt
-      >>> tx = jopt.momentum(0.01, 0.9, dampening=0.9)  # v <- 0.9 v + 0.1 g
+      >>> import jax.numpy as jnp, jopt
+      >>> tx = jopt.momentum(0.1, 0.9, dampening=0.9)  # v <- 0.9 v + 0.1 g
+      >>> g = jnp.array([1.0]); state = tx.init(g)
+      >>> updates, state = tx.update(g, state)
+      >>> jnp.round(updates, 4)
+      Array([-0.01], dtype=float32)
+
+    References:
+      Polyak, *Some methods of speeding up the convergence of iteration methods*, 1964.
     """
     return sgd(learning_rate, momentum, dampening=dampening, state_storage=state_storage)
 
@@ -156,11 +172,29 @@ def nesterov(
     *,
     state_storage: StateStorageLike = None,
 ) -> GradientTransformationExtraArgs:
-    """Nesterov accelerated gradient; same as ``sgd(..., momentum, nesterov=True)``.
+    r"""Nesterov's accelerated gradient in momentum form.
+
+    ``v ← βv + g``, ``θ ← θ − α(g + βv)``: the parameters are the look-ahead points
+    ``y_t = θ_t + β(θ_t − θ_{t−1})`` of the classic form
+    ``θ_{t+1} = y_t − α∇J(y_t)`` (Sutskever et al. 2013). Same as
+    ``sgd(learning_rate, momentum, nesterov=True)``.
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+      momentum: ``β`` in [0, 1].
+      state_storage: how the velocity is stored (see :mod:`jopt.storage`).
 
     Example:
-      >>> import jopt
-      >>> tx = jopt.nesterov(0.01, 0.9)
+      >>> import jax.numpy as jnp, jopt
+      >>> tx = jopt.nesterov(0.1, 0.9)
+      >>> g = jnp.array([1.0]); state = tx.init(g)
+      >>> updates, state = tx.update(g, state)
+      >>> jnp.round(updates, 4)  # -0.1 * (1 + 0.9 * 1)
+      Array([-0.19], dtype=float32)
+
+    References:
+      Nesterov, *A method for solving the convex programming problem with convergence
+      rate O(1/k^2)*, 1983. Sutskever et al., ICML 2013.
     """
     return sgd(learning_rate, momentum, nesterov=True, state_storage=state_storage)
 
@@ -172,14 +206,27 @@ def adagrad(
     *,
     state_storage: StateStorageLike = None,
 ) -> GradientTransformationExtraArgs:
-    r"""AdaGrad: ``θ ← θ − α g / sqrt(Σ g² + ε)`` (Duchi et al. 2011).
+    r"""AdaGrad: per-coordinate steps that shrink with the gradients seen so far.
 
-    See :func:`jopt.scale_by_adagrad` for the update rule.
+    ``s ← s + g²``, ``θ ← θ − α g / sqrt(s + ε)`` with ``s_0`` =
+    ``initial_accumulator_value`` (see :func:`jopt.scale_by_adagrad`).
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+      initial_accumulator_value: ``s_0`` (>= 0).
+      eps: ``ε`` (>= 0), inside the square root.
+      state_storage: how ``s`` is stored (see :mod:`jopt.storage`).
 
     Example:
       >>> import jax.numpy as jnp, jopt
-      >>> tx = jopt.adagrad(learning_rate=0.1)
-      >>> state = tx.init({"w": jnp.zeros(3)})
+      >>> tx = jopt.adagrad(learning_rate=0.1, initial_accumulator_value=0.0, eps=0.0)
+      >>> g = jnp.array([3.0, -4.0]); state = tx.init(g)
+      >>> tx.update(g, state)[0]
+      Array([-0.1,  0.1], dtype=float32)
+
+    References:
+      Duchi, Hazan & Singer, *Adaptive Subgradient Methods for Online Learning and
+      Stochastic Optimization*, JMLR 2011.
     """
     return chain(
         transforms.scale_by_adagrad(
@@ -204,14 +251,31 @@ def rmsprop(
 ) -> GradientTransformationExtraArgs:
     r"""RMSprop (Tieleman & Hinton 2012): plain, centered, and with momentum.
 
-    ``θ ← θ − α g / sqrt(ν + ε)``, ``ν`` an EMA of ``g²`` (see
-    :func:`jopt.scale_by_rms`); with ``momentum`` the scaled step is then
-    accumulated by heavy-ball (or Nesterov) momentum, as in optax.
+    ``ν ← ρν + (1−ρ)g²``, ``θ ← θ − α g / sqrt(ν + ε)`` (see :func:`jopt.scale_by_rms`
+    for the centered and bias-corrected forms); with ``momentum`` the scaled step is
+    then accumulated by heavy-ball (or Nesterov) momentum, as in optax. (Centered
+    with ``bias_correction`` divides by ``sqrt(ε)`` at the first step, where the
+    variance estimate is exactly 0: a legal but unstable combination.)
+
+    Args:
+      learning_rate: ``α`` (>= 0) or a schedule.
+      decay: ``ρ`` in [0, 1).
+      eps, initial_scale, eps_in_sqrt, centered, bias_correction: see
+        :func:`jopt.scale_by_rms`.
+      momentum: ``β`` in [0, 1] or None.
+      nesterov: Nesterov momentum (needs ``momentum``).
+      state_storage: how the moments are stored (see :mod:`jopt.storage`).
 
     Example:
       >>> import jax.numpy as jnp, jopt
-      >>> tx = jopt.rmsprop(1e-3, centered=True, momentum=0.9)
-      >>> state = tx.init({"w": jnp.zeros(3)})
+      >>> tx = jopt.rmsprop(0.01, decay=0.0, eps=0.0)
+      >>> g = jnp.array([2.0, -0.5]); state = tx.init(g)
+      >>> tx.update(g, state)[0]
+      Array([-0.01,  0.01], dtype=float32)
+
+    References:
+      Tieleman & Hinton, *Lecture 6.5 - RMSprop*, 2012. Graves, *Generating Sequences
+      With Recurrent Neural Networks*, 2013 (centered).
     """
     if nesterov and momentum is None:
         raise ValueError("nesterov=True needs momentum; pass momentum=0.9, for example.")
@@ -344,7 +408,25 @@ def nadam(
     nesterov: bool = True,
     state_storage: StateStorageLike = None,
 ) -> GradientTransformationExtraArgs:
-    """NAdam (Dozat 2016): :func:`adam` with ``nesterov=True``."""
+    r"""NAdam: Adam with a Nesterov look-ahead first moment (:func:`adam`, ``nesterov=True``).
+
+    ``\hat m_t = β_1 m_t/(1−β_1^{t+1}) + (1−β_1) g_t/(1−β_1^t)`` replaces Adam's
+    bias-corrected ``m_t`` (the form optax uses; Dozat's Algorithm 2 also scales
+    ``\hat v_t`` by ``β_2``, which optax and jopt omit).
+
+    Example:
+      >>> import jax.numpy as jnp, jopt
+
+      The first step looks ahead: ``0.9·0.1/(1−0.9²) + 0.1/(1−0.9) ≈ 1.474`` times Adam's.
+
+      >>> tx = jopt.nadam(0.1)
+      >>> g = jnp.array([1.0]); state = tx.init(g)
+      >>> jnp.round(tx.update(g, state)[0], 3)
+      Array([-0.147], dtype=float32)
+
+    References:
+      Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR workshop 2016.
+    """
     return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype,
                 nesterov=nesterov, state_storage=state_storage)
 
@@ -362,6 +444,19 @@ def nadamw(
     nesterov: bool = True,
     state_storage: StateStorageLike = None,
 ) -> GradientTransformationExtraArgs:
-    """NAdamW: :func:`adamw` with ``nesterov=True``."""
+    r"""NAdamW: NAdam's first moment with AdamW's decoupled weight decay.
+
+    :func:`adamw` with ``nesterov=True`` (see :func:`nadam` for the first moment).
+
+    Example:
+      >>> import jax.numpy as jnp, jopt
+      >>> tx = jopt.nadamw(0.1, weight_decay=0.0)
+      >>> g = jnp.array([1.0]); state = tx.init(g)
+      >>> jnp.round(tx.update(g, state, g)[0], 3)
+      Array([-0.147], dtype=float32)
+
+    References:
+      Dozat 2016; Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, 2019.
+    """
     return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
                  nesterov=nesterov, state_storage=state_storage)
