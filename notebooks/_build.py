@@ -594,19 +594,11 @@ def notebook_02() -> list[nbformat.NotebookNode]:
                   f"(work directory {workdir})")
         '''),
         code(r'''
+            from IPython.display import Image, display
+
+            # The curves train_and_evaluate drew into its work directory.
             history = result.history
-            epochs = [r["epoch"] for r in history]
-            fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-            for split, style in (("train", "o-"), ("test", "s--")):
-                ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
-                ax_acc.plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], style, label=split)
-            ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-            ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-            for ax in (ax_loss, ax_acc):
-                ax.set_xticks(epochs)
-                ax.grid(alpha=0.3)
-                ax.legend()
-            plt.show()
+            display(Image(filename=os.path.join(workdir, "curves.png")))
             print("seconds per epoch (the first includes compilation):",
                   ", ".join(f"{r['epoch_time_s']:.2f}" for r in history))
         '''),
