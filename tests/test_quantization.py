@@ -113,7 +113,10 @@ def test_quantization_aware_training_learns():
     y = jnp.argmax(x[:, :3], axis=-1)
     model = _MLP(weights=mode, activations="int8")
     params = model.init(jax.random.key(1), x)["params"]
-    tx = jopt.adam(0.02)
+    # Decaying to 0 lets the latent weights settle: with a constant rate the signs
+    # of the last step flip around (0.83-0.93 accuracy across JAX versions/seeds);
+    # with cosine decay 10 data seeds all reached 0.91-0.95.
+    tx = jopt.adam(jopt.schedules.cosine_decay_schedule(0.02, 300))
 
     def loss(params):
         logits = model.apply({"params": params}, x)
@@ -126,7 +129,7 @@ def test_quantization_aware_training_learns():
             value, grads = jax.value_and_grad(loss)(params)
             updates, state = tx.update(grads, state, params)
             return (jopt.apply_updates(params, updates), state), value
-        return jax.lax.scan(step, (params, tx.init(params)), None, length=150)
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=300)
 
     (params, _), losses = train(params)
     assert losses[-1] < 0.5 * losses[0]
