@@ -220,24 +220,25 @@ def flax_scan_epoch(dataset, batch_size):
 # --------------------------------------------------------------------------- (d) torch
 
 
-def torch_epoch(dataset, batch_size):
+def torch_epoch(dataset, batch_size, device="cpu"):
+    """The PyTorch loop; ``device="cuda"`` keeps data and model on the GPU."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     images = torch.from_numpy(dataset.train_images.reshape(len(dataset.train_images), -1)
-                              .astype(np.float32) / 255.0)
-    labels = torch.from_numpy(dataset.train_labels.astype(np.int64))
+                              .astype(np.float32) / 255.0).to(device)
+    labels = torch.from_numpy(dataset.train_labels.astype(np.int64)).to(device)
     steps = len(images) // batch_size
     model = torch.nn.Sequential(
         torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 10))
+        torch.nn.Linear(64, 10)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run():
-        perm = torch.randperm(len(images))
-        total = torch.zeros(())
+        perm = torch.randperm(len(images), device=device)
+        total = torch.zeros((), device=device)
         for i in range(steps):
             batch = perm[i * batch_size:(i + 1) * batch_size]
             optimizer.zero_grad(set_to_none=True)
@@ -247,7 +248,7 @@ def torch_epoch(dataset, batch_size):
             total += loss.detach()
         return float(total) / steps
 
-    return run, torch.__version__
+    return run, f"{torch.__version__} ({device})"
 
 
 # --------------------------------------------------------------------------- main
@@ -271,7 +272,9 @@ def main() -> None:
     torch_version = None
     if not args.no_torch:
         try:
-            loops["torch"], torch_version = torch_epoch(dataset, args.batch_size)
+            # Same accelerator as JAX: on a GPU machine PyTorch runs on CUDA too.
+            device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+            loops["torch"], torch_version = torch_epoch(dataset, args.batch_size, device)
         except ImportError:
             pass
 
