@@ -294,12 +294,14 @@ class DtypeStorage(StateStorage):
         bits = jax.lax.bitcast_convert_type(value, jnp.uint32)
         # bfloat16 is the top half of float32: adding 16 uniform random bits below
         # it and truncating rounds up with probability equal to the dropped
-        # fraction. The noise never carries out of an inf (its low bits are 0);
-        # NaN is restored explicitly, as its payload might be in the low bits.
+        # fraction. The noise never carries out of an inf (its low bits are 0).
         noise = _random_bits(value.shape, step, 0x5BD1E995 + signed) >> 16
-        top = ((bits + noise) >> 16).astype(jnp.uint16)
-        top = jnp.where(jnp.isnan(value), jnp.uint16(0x7FC0), top)
-        rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
+        # NaN gets no noise and its quiet bit set, so that it stays NaN. Written
+        # as integer arithmetic: a select of bfloat16 lanes is scalarised by
+        # XLA:CPU's LLVM backend (the whole encode ran 2x slower).
+        nan = jnp.isnan(value).astype(jnp.uint32)
+        top = ((bits + (noise & (nan - 1))) >> 16) | (nan << 6)
+        rounded = jax.lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
         return RoundedArray(rounded, step)
 
     def decode(self, stored):
@@ -315,8 +317,14 @@ class DtypeStorage(StateStorage):
 def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool):
     flat = value.reshape(-1).astype(jnp.float32)
     full = flat.size - flat.size % BLOCK_SIZE
-    # Whole blocks are a reshape of the value; only a partial last block is padded.
-    # (Padding the whole array would materialise a float32 copy of it.)
+    if full < flat.size and _pad_whole_array():
+        # XLA:GPU/TPU fuse the pad into the encode; concatenating the codes of the
+        # last block instead costs an extra kernel (int8 Adam on 10M values on an
+        # H100: 1.9x optax's step time with the concatenation, 1.2x padded).
+        flat = jnp.pad(flat, (0, BLOCK_SIZE - flat.size + full))
+        full = flat.size
+    # Whole blocks are a reshape of the value; on CPU only a partial last block is
+    # padded (XLA:CPU materialises a padded float32 copy of the whole array).
     parts = [flat[:full].reshape(-1, BLOCK_SIZE)] if full else []
     if full < flat.size:
         parts.append(jnp.pad(flat[full:], (0, BLOCK_SIZE - flat.size + full))[None])
@@ -329,6 +337,15 @@ def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool)
     else:
         codes, scales = (jnp.concatenate(x) for x in zip(*encoded))
     return QuantizedArray(codes, scales, step, tuple(value.shape), signed)
+
+
+def _pad_whole_array() -> bool:
+    """Whether to pad a partial last block by padding the whole array (not on CPU).
+
+    Either way the codes are the same, bit for bit: the rounding noise hashes each
+    value's index in the whole array.
+    """
+    return jax.default_backend() != "cpu"
 
 
 def _quantize_blocks(blocks, signed, step, stochastic, first_row):

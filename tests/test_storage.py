@@ -135,6 +135,31 @@ def test_non_finite_values_poison_only_their_block():
     rounded = BF16_SR.decode(BF16_SR.encode(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1.0]),
                                             like=None, signed=True))
     assert bool(jnp.isnan(rounded[0])) and list(rounded[1:]) == [jnp.inf, -jnp.inf, 1.0]
+    # NaNs whose payload is only in the low 16 bits, or all ones, stay NaN too.
+    odd_nans = jax.lax.bitcast_convert_type(
+        jnp.array([0x7F800001, 0xFF80FFFF, 0xFFFFFFFF, 0x7FFFFFFF], jnp.uint32), jnp.float32)
+    for step in range(3):  # different noise each encode
+        like = BF16_SR.encode(odd_nans, like=None, signed=True)
+        for _ in range(step):
+            like = BF16_SR.encode(odd_nans, like=like, signed=True)
+        assert bool(jnp.all(jnp.isnan(BF16_SR.decode(like))))
+
+
+@pytest.mark.parametrize("size", [4096 + 1, 5000, 40 * 256])
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_partial_block_layouts_give_the_same_codes(monkeypatch, size, signed):
+    """CPU concatenates the last block's codes, GPU/TPU pad the array: same bits."""
+    codec = storage.Int8BlockStorage()
+    x = jax.random.normal(jax.random.key(size), (size,))
+    value = x if signed else x * x
+    like = codec.encode(value, like=value, signed=signed)  # a counter > 0
+    stored = {}
+    for pad in (False, True):
+        monkeypatch.setattr(storage, "_pad_whole_array", lambda pad=pad: pad)
+        stored[pad] = codec.encode(value, like=like, signed=signed)
+    np.testing.assert_array_equal(stored[False].codes, stored[True].codes)
+    np.testing.assert_array_equal(stored[False].scales, stored[True].scales)
+    assert stored[True].codes.shape == (-(-size // 256), 256)
 
 
 def test_small_arrays_stay_float32_and_the_threshold_is_4096():
