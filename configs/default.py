@@ -70,6 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.flat_params = True  # differentiate w.r.t. jopt.flat.FlatParams (fused updates)
     config.compute_dtype = "float32"  # "float32" | "bfloat16" (float32 master params)
     config.steps_per_chunk = 0  # steps per jitted scan; 0: the whole epoch in one scan
+    # Train steps per iteration of that scan (lax.scan's `unroll`): fewer loop
+    # round trips, same results. 0: automatic - 4 on GPU/TPU (an H100 epoch of the
+    # MLP: 21.5 -> 19.1 ms), 1 on CPU (no gain measured there).
+    config.scan_unroll = 0
     # Data parallelism (jopt.parallel): "none" | "pmap" | "shard_map" | "zero1"; the
     # batch size must be a multiple of the device count.
     config.parallel = "none"

@@ -169,6 +169,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         minimum = 0 if key == "num_epochs" else 1
         if config[key] < minimum:
             raise ConfigError(f"config.{key} must be >= {minimum}, got {config[key]}.")
+    if config.scan_unroll < 0:
+        raise ConfigError(
+            f"config.scan_unroll must be >= 0 (0: automatic, 4 on GPU/TPU and 1 on "
+            f"CPU), got {config.scan_unroll}."
+        )
     if config.steps_per_chunk < 0:
         raise ConfigError(
             f"config.steps_per_chunk must be >= 0 (0: a whole epoch per scan), "
@@ -493,6 +498,19 @@ def shuffle_batches(key: jax.Array, num_examples: int, batch_size: int) -> np.nd
     return permutation[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
+def scan_unroll(config: ml_collections.ConfigDict) -> int:
+    """Train steps per iteration of the epoch's ``lax.scan`` (``config.scan_unroll``).
+
+    0 picks by platform: on a GPU a small model's step is a handful of short
+    kernels and the loop's own round trip is a visible part of it (the MLP's
+    epoch on an H100: 21.5 ms at 1, 19.1 ms at 4); on CPU unrolling measured no
+    gain and only lengthens compilation.
+    """
+    if config.scan_unroll:
+        return int(config.scan_unroll)
+    return 1 if jax.default_backend() == "cpu" else 4
+
+
 def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
                    tx: optax.GradientTransformation):
     """The jitted function that runs a chunk of an epoch (or all of it) as one scan.
@@ -513,6 +531,7 @@ def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
         except ValueError as e:
             raise ConfigError(f"config.batch_size={config.batch_size}: {e}") from None
     train_step = make_train_step(loss_fn, tx)
+    unroll = scan_unroll(config)
 
     def epoch_fn(state, images, labels, batch_indices):
         def body(carry, indices):
@@ -522,7 +541,7 @@ def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
 
         zero = jnp.zeros((), jnp.float32)
         (state, loss_sum, correct), _ = jax.lax.scan(
-            body, (state, zero, jnp.zeros((), jnp.int32)), batch_indices
+            body, (state, zero, jnp.zeros((), jnp.int32)), batch_indices, unroll=unroll
         )
         return state, {"loss_sum": loss_sum, "num_correct": correct}
 

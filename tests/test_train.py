@@ -145,6 +145,7 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path, fashion):
         ({"model.name": "resnet"}, "config.model.name='resnet'"),
         ({"compute_dtype": "float16"}, "config.compute_dtype='float16'"),
         ({"batch_size": 0}, "config.batch_size must be >= 1"),
+        ({"scan_unroll": -1}, "config.scan_unroll must be >= 0"),
     ],
 )
 def test_bad_config_values_name_the_key(overrides, message):
@@ -259,6 +260,15 @@ def test_chunked_epochs_match_whole_epoch_scans(runs, fashion, tmp_path):
     for a, b in zip(_flat_leaves(chunked.params), _flat_leaves(runs["flat"].params)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     assert chunked.history[-1]["step"] == runs["flat"].history[-1]["step"] == 16
+
+
+def test_unrolled_epoch_scan_matches_and_auto_depends_on_the_platform(runs, fashion, tmp_path):
+    assert train.scan_unroll(small_config()) == (1 if jax.default_backend() == "cpu" else 4)
+    assert train.scan_unroll(small_config(scan_unroll=3)) == 3
+    unrolled = train.train_and_evaluate(
+        small_config(num_epochs=2, scan_unroll=3), tmp_path, dataset=fashion)
+    for a, b in zip(_flat_leaves(unrolled.params), _flat_leaves(runs["flat"].params)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_epoch_recorded_but_not_checkpointed_is_redone_once(runs, fashion, tmp_path):
