@@ -448,7 +448,9 @@ class DataParallel:
             params = jax.device_put(params, self.devices[0], may_alias=False)
         else:
             params = self._replicated(params)
-        out = (None if self.strategy == "none"
+        # Committed to its device like the epoch's outputs, so that the first epoch
+        # and the next see the same input shardings (else the second recompiles).
+        out = (jax.sharding.SingleDeviceSharding(self.devices[0]) if self.strategy == "none"
                else NamedSharding(self._placement_mesh, P()))
         opt_state = jax.jit(self.optimizer.init, out_shardings=out)(params)
         residuals = self._zero_residuals(params) if self.compression else {}

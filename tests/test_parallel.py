@@ -318,3 +318,17 @@ def test_jopt_train_rejects_what_data_parallelism_cannot_do(tmp_path, capsys):
         assert cli.main(["train", "--config", config, "--workdir", str(tmp_path),
                          *arguments]) == 2, arguments
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["none", "pmap", "shard_map", "zero1"])
+def test_epochs_compile_once(strategy, batches, caplog):
+    # The state from init() is placed like the epoch's outputs, so the second epoch
+    # reuses the first one's executable (it used to recompile for "none").
+    trainer, state, _ = _train(strategy, jopt.adam(1e-3), batches)
+    batches = trainer.shard_batches(batches)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for _ in range(2):
+            state, metrics = trainer.train_epoch(state, batches)
+        jax.block_until_ready(metrics)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == []  # the first epoch logs its compilations the same way
