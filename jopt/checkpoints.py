@@ -3,7 +3,8 @@
 A checkpoint is one orbax step directory ``workdir/checkpoints/<epoch>`` with two
 items: ``state`` (the train state pytree: parameters, optimizer state, step) and
 ``meta`` (JSON: the epoch, the full config, the run's *identity* and the structure
-of the state). Orbax writes a step into a temporary directory and renames it when
+of the state), plus ``residuals`` for a data-parallel run with gradient compression
+(its per-device error feedback, so that it resumes exactly). Orbax writes a step into a temporary directory and renames it when
 complete, so a run killed at any moment leaves only whole checkpoints behind.
 
 Restoring first compares the checkpoint's identity - the model, the optimizer and
@@ -36,6 +37,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = [
@@ -103,7 +105,7 @@ def describe_state(state: Any) -> list[str]:
 
 
 def save(mngr: ocp.CheckpointManager, epoch: int, state: Any,
-         config: ml_collections.ConfigDict, **extra: Any) -> None:
+         config: ml_collections.ConfigDict, *, residuals: Any = None, **extra: Any) -> None:
     """Saves ``state`` as the checkpoint of ``epoch`` (old ones beyond ``keep`` are deleted).
 
     Args:
@@ -111,6 +113,8 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any,
       epoch: the checkpoint's step number.
       state: the pytree to save.
       config: the run's config, stored whole in the meta record.
+      residuals: data-parallel gradient-compression residuals (host arrays, see
+        :meth:`jopt.parallel.LoopEpochs.residuals`), saved as their own item.
       **extra: more JSON-serialisable meta entries.
     """
     meta = {
@@ -120,8 +124,11 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any,
         "state_structure": describe_state(state),
         "config": config.to_dict(),
     }
-    mngr.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    items = dict(state=ocp.args.StandardSave(state))
+    if residuals:
+        meta["residuals"] = True
+        items["residuals"] = ocp.args.StandardSave(residuals)
+    mngr.save(epoch, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
 def read_meta(mngr: ocp.CheckpointManager, epoch: int | None = None) -> dict[str, Any] | None:
@@ -160,6 +167,16 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any,
     restored = mngr.restore(meta["epoch"], args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     return restored.state, meta
+
+
+def restore_residuals(mngr: ocp.CheckpointManager, epoch: int) -> Any:
+    """The compression residuals saved with checkpoint ``epoch`` (``{}`` if none were)."""
+    meta = read_meta(mngr, epoch)
+    if not meta or not meta.get("residuals"):
+        return {}
+    restored = mngr.restore(epoch, args=ocp.args.Composite(
+        residuals=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, restored.residuals)
 
 
 _FIX = ("Use a fresh --workdir for this config, or set those keys back to the "

@@ -910,8 +910,9 @@ class LoopEpochs:
     checkpoints work unchanged, and a checkpoint resumes on any device count or
     strategy. While the loop passes back the state it was given, the sharded state
     is kept and nothing is re-placed. Each process gathers only its rows of every
-    global batch. Compression residuals are not part of the canonical state: a
-    resumed run starts them from zero.
+    global batch. Compression residuals are not part of the canonical state; they
+    travel separately (:meth:`residuals`, :meth:`restore_residuals`), and
+    ``jopt train`` checkpoints them so a compressed run resumes exactly.
 
     Args:
       loss_fn: ``loss_fn(params, images, labels) -> (mean loss, logits)``.
@@ -937,6 +938,30 @@ class LoopEpochs:
         check_batch_size(batch_size, self.trainer.num_devices)
         self._kept: tuple[Any, TrainState] | None = None  # (state handed back, sharded state)
         self._host: tuple[Any, np.ndarray] | None = None
+        self._pending_residuals: Any = {}  # from a checkpoint, used at the next restore
+
+    def residuals(self) -> dict:
+        """The compression residuals after the last call, as host arrays (for checkpoints).
+
+        One row per device (``{}`` without compression or before the first call);
+        every process gets all rows. :meth:`restore_residuals` puts them back.
+        """
+        if self._kept is None or not self.trainer.compression:
+            return {}
+        residuals = self._kept[1].residuals
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return jax.tree.map(lambda x: np.asarray(
+                multihost_utils.process_allgather(x, tiled=True)), residuals)
+        return jax.tree.map(np.asarray, residuals)
+
+    def restore_residuals(self, residuals: Any) -> None:
+        """Residuals from :meth:`residuals` to resume with (at the next restored state).
+
+        Ignored, so that they restart from zero, when they do not fit this run (another
+        device count or strategy).
+        """
+        self._pending_residuals = residuals or {}
 
     def _host_array(self, array) -> np.ndarray:
         """The training data as a host array (gathered from once per data set)."""
@@ -953,7 +978,9 @@ class LoopEpochs:
         if self._kept is not None and self._kept[0] is state:
             sharded = self._kept[1]
         else:  # first call, or a state restored from a checkpoint
-            sharded = trainer.restore_state(TrainState(state.params, state.opt_state, {}))
+            sharded = trainer.restore_state(
+                TrainState(state.params, state.opt_state, self._pending_residuals))
+            self._pending_residuals = {}
         sharded, metrics = trainer.train_epoch(sharded, batches)
         canonical = trainer.checkpoint_state(sharded)
         device = jax.tree.leaves(state.params)[0].devices().pop()

@@ -767,6 +767,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
         state, start_epoch, history = _resume(checkpoint_manager, state, config, metrics_path)
+        if start_epoch and hasattr(epoch_fn, "restore_residuals"):
+            epoch_fn.restore_residuals(
+                checkpoints.restore_residuals(checkpoint_manager, start_epoch))
         if distributed.is_primary_process():
             (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
@@ -800,8 +803,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 plot_curves(history, workdir / "curves.png")
+            residuals = epoch_fn.residuals() if hasattr(epoch_fn, "residuals") else None
             checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
-                             config,
+                             config, residuals=residuals,
                              image_shape=list(dataset.train_images.shape[1:]),
                              num_classes=dataset.num_classes)
             epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)

@@ -163,6 +163,35 @@ def test_jopt_train_on_two_processes_is_one_run(tmp_path):
         assert records[0][key] == expected[key], key
 
 
+
+@pytest.mark.multiprocess
+def test_compressed_two_process_run_resumes_exactly(tmp_path):
+    """int8 gradient compression over 2 processes: residuals (gathered from both
+    processes) are checkpointed, so 1 epoch + resume == 2 epochs uninterrupted."""
+    from jopt import checkpoints, train
+
+    config_file = str(REPO / "configs" / "fashion_mnist_shard_map.py")
+
+    def run(workdir, epochs):
+        address = f"127.0.0.1:{_free_port()}"
+        _run_processes([
+            [sys.executable, "-m", "jopt.cli", "train", "--config", config_file,
+             "--workdir", str(workdir), "--config.train_subset=1024",
+             "--config.test_subset=500", "--config.batch_size=64",
+             f"--config.num_epochs={epochs}", "--config.gradient_compression=int8",
+             "--coordinator", address, "--num-processes", "2", "--process-id", str(i)]
+            for i in range(2)], _env())
+        return train.read_metrics(workdir / "metrics.jsonl")
+
+    whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "cut", 1)
+    resumed = run(tmp_path / "cut", 2)
+    with checkpoints.manager(tmp_path / "cut", keep=2) as mngr:
+        assert checkpoints.read_meta(mngr)["residuals"]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert resumed[-1][key] == whole[-1][key], key
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _worker(sys.argv[1:])

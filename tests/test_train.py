@@ -281,3 +281,17 @@ def test_epoch_recorded_but_not_checkpointed_is_redone_once(runs, fashion, tmp_p
     assert [r["epoch"] for r in train.read_metrics(workdir / "metrics.jsonl")] == [1, 2]
     for a, b in zip(_flat_leaves(resumed.params), _flat_leaves(runs["flat"].params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compressed_data_parallel_run_resumes_exactly(fashion, tmp_path):
+    # int8 gradient compression keeps error-feedback residuals per device; they are
+    # checkpointed with the state, so resuming ends where an uninterrupted run ends.
+    config = dict(parallel="shard_map", gradient_compression="int8")
+    whole = train.train_and_evaluate(
+        small_config(num_epochs=2, **config), tmp_path / "whole", dataset=fashion)
+    train.train_and_evaluate(small_config(num_epochs=1, **config), tmp_path / "cut",
+                             dataset=fashion)
+    resumed = train.train_and_evaluate(
+        small_config(num_epochs=2, **config), tmp_path / "cut", dataset=fashion)
+    for a, b in zip(_flat_leaves(resumed.params), _flat_leaves(whole.params), strict=True):
+        np.testing.assert_array_equal(a, b)
