@@ -47,7 +47,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jopt import _npz
 from jopt._validation import check_in_range
 from jopt.base import GradientTransformation, GradientTransformationExtraArgs
 from jopt.flat import FlatParams
@@ -734,65 +734,6 @@ def size_report(params: Any, masks: Any = None) -> dict[str, float]:
     }
 
 
-# ----------------------------------------------------------- npz files with a JSON header
-
-_META = "__jopt_meta__"
-
-
-def _key_name(key: Any) -> str | int:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            value = getattr(key, attribute)
-            return value if isinstance(value, (str, int)) else str(value)
-    return str(key)
-
-
-def _write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta: Any) -> None:
-    """Writes arrays (ml_dtypes such as bfloat16 as same-size unsigned ints) + a JSON header."""
-    stored = {}
-    for name, array in arrays.items():
-        array = np.asarray(array)
-        if array.dtype.kind == "V":  # bfloat16 & co. have no portable .npy form
-            array = array.view(np.dtype(f"uint{8 * array.dtype.itemsize}"))
-        stored[name] = array
-    stored[_META] = np.array(json.dumps(meta))
-    with open(path, "wb") as file:  # a file object: np.savez would append ".npz"
-        np.savez(file, **stored)
-
-
-def _read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], Any]:
-    with np.load(path, allow_pickle=False) as data:
-        if _META not in data.files:
-            raise ValueError(f"{os.fspath(path)!r} was not written by jopt (no {_META} entry).")
-        arrays = {name: data[name] for name in data.files if name != _META}
-        return arrays, json.loads(str(data[_META]))
-
-
-def _leaf_records(tree: Any, is_leaf) -> list[tuple[list, Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return [([_key_name(k) for k in path], leaf) for path, leaf in flat]
-
-
-def _rebuild(paths: list[list], leaves: list, like: Any, is_leaf) -> Any:
-    """Leaves back into ``like``'s structure, or into nested dicts keyed by the paths."""
-    if like is not None:
-        treedef = jax.tree.structure(like, is_leaf=is_leaf)
-        if treedef.num_leaves != len(leaves):
-            raise ValueError(
-                f"The file holds {len(leaves)} arrays but `like` has {treedef.num_leaves} leaves."
-            )
-        return treedef.unflatten(leaves)
-    root: dict = {}
-    for path, leaf in zip(paths, leaves):
-        if not path:
-            return leaf
-        node = root
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return root
-
-
 def save_sparse(path: str | os.PathLike[str], stripped: Any) -> int:
     """Writes a :func:`strip` result to an uncompressed ``.npz``; returns the file size.
 
@@ -807,7 +748,7 @@ def save_sparse(path: str | os.PathLike[str], stripped: Any) -> int:
       True
     """
     arrays, meta = {}, []
-    for i, (names, leaf) in enumerate(_leaf_records(stripped, _is_sparse)):
+    for i, (names, leaf) in enumerate(_npz.leaf_records(stripped, _is_sparse)):
         if not isinstance(leaf, SparseArray):
             raise TypeError(f"save_sparse expects the output of strip(); leaf {names} is "
                             f"a {type(leaf).__name__}.")
@@ -816,7 +757,7 @@ def save_sparse(path: str | os.PathLike[str], stripped: Any) -> int:
             arrays[f"{i}.positions"] = leaf.positions
         meta.append({"path": names, "shape": list(leaf.shape),
                      "dtype": jnp.dtype(leaf.dtype).name, "format": leaf.format})
-    _write_npz(path, arrays, meta)
+    _npz.write_npz(path, arrays, meta)
     return os.path.getsize(path)
 
 
@@ -829,7 +770,7 @@ def load_sparse(path: str | os.PathLike[str], *, like: Any = None, dense: bool =
         default nested dicts keyed by the saved paths.
       dense: return dense numpy arrays instead of :class:`SparseArray` leaves.
     """
-    arrays, meta = _read_npz(path)
+    arrays, meta = _npz.read_npz(path)
     leaves = []
     for i, record in enumerate(meta):
         dtype = jnp.dtype(record["dtype"])
@@ -839,4 +780,4 @@ def load_sparse(path: str | os.PathLike[str], *, like: Any = None, dense: bool =
         leaf = SparseArray(tuple(record["shape"]), dtype, values,
                            arrays.get(f"{i}.positions"), record["format"])
         leaves.append(leaf.todense() if dense else leaf)
-    return _rebuild([r["path"] for r in meta], leaves, like, _is_sparse)
+    return _npz.rebuild([r["path"] for r in meta], leaves, like, _is_sparse)

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jopt.pruning import _leaf_records, _read_npz, _rebuild, _write_npz
+from jopt import _npz
 
 __all__ = [
     "MODES",
@@ -514,7 +514,7 @@ def save_quantized(path: str | os.PathLike[str], qparams: Any) -> int:
       True
     """
     arrays, meta = {}, []
-    for i, (names, leaf) in enumerate(_leaf_records(qparams, _is_quantized)):
+    for i, (names, leaf) in enumerate(_npz.leaf_records(qparams, _is_quantized)):
         if isinstance(leaf, QuantizedTensor):
             arrays[f"{i}.codes"] = _pack_codes(np.asarray(leaf.codes), leaf.mode)
             arrays[f"{i}.scale"] = np.asarray(leaf.scale, np.float32)
@@ -522,13 +522,13 @@ def save_quantized(path: str | os.PathLike[str], qparams: Any) -> int:
         else:
             arrays[f"{i}.array"] = np.asarray(leaf)
             meta.append({"path": names, "dtype": jnp.dtype(np.asarray(leaf).dtype).name})
-    _write_npz(path, arrays, meta)
+    _npz.write_npz(path, arrays, meta)
     return os.path.getsize(path)
 
 
 def load_quantized(path: str | os.PathLike[str], *, like: Any = None) -> Any:
     """Reads a :func:`save_quantized` file (``like``: as in :func:`jopt.pruning.load_sparse`)."""
-    arrays, meta = _read_npz(path)
+    arrays, meta = _npz.read_npz(path)
     leaves = []
     for i, record in enumerate(meta):
         if "mode" in record:
@@ -539,4 +539,4 @@ def load_quantized(path: str | os.PathLike[str], *, like: Any = None) -> Any:
             array = arrays[f"{i}.array"]
             dtype = jnp.dtype(record["dtype"])
             leaves.append(jnp.asarray(array if array.dtype == dtype else array.view(dtype)))
-    return _rebuild([r["path"] for r in meta], leaves, like, _is_quantized)
+    return _npz.rebuild([r["path"] for r in meta], leaves, like, _is_quantized)
