@@ -3,9 +3,10 @@
 A checkpoint is one orbax step directory ``workdir/checkpoints/<epoch>`` with two
 items: ``state`` (the train state pytree: parameters, optimizer state, step) and
 ``meta`` (JSON: the epoch, the full config, the run's *identity* and the structure
-of the state), plus ``residuals`` for a data-parallel run with gradient compression
-(its per-device error feedback, so that it resumes exactly). Orbax writes a step into a temporary directory and renames it when
-complete, so a run killed at any moment leaves only whole checkpoints behind.
+of the state); a data-parallel run with gradient compression adds ``residuals``
+(its per-device error feedback, so that it resumes exactly). Orbax writes a step
+into a temporary directory and renames it when complete, so a run killed at any
+moment leaves only whole checkpoints behind.
 
 Restoring first compares the checkpoint's identity - the model, the optimizer and
 its state storage, flat or tree parameters, the data set, quantization-aware
