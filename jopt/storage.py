@@ -210,6 +210,11 @@ def _random_bits(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Arra
     noise: its top bits are uniform and uncorrelated across neighbours and steps.
     """
     index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return _hash_bits(index, step, salt)
+
+
+def _hash_bits(index: jax.Array, step: jax.Array, salt: int) -> jax.Array:
+    """The hash of :func:`_random_bits`, of given uint32 element indices."""
     # The seed is added before the first multiply, so that inside a scan XLA
     # cannot hoist a per-element table out of the loop (4 bytes per value).
     h = (index + (step * jnp.uint32(0x85EBCA77) + jnp.uint32(salt))) * jnp.uint32(0x9E3779B9)
@@ -397,13 +402,17 @@ def _power(q: jax.Array, power: int) -> jax.Array:
     return q4 if power == 4 else q4 * q4
 
 
+def _normalised(codes: jax.Array, signed: bool) -> jax.Array:
+    """Codes -> values relative to their block's scale, in [-1, 1] (float32)."""
+    levels, power = _SIGNED_CODE if signed else _UNSIGNED_CODE
+    q = codes.astype(jnp.float32) * (1.0 / levels)
+    if signed:
+        return q * jnp.abs(q) * (q * q)  # sign(q) q^4
+    return _power(q, power)
+
+
 def _dequantize(stored: QuantizedArray) -> jax.Array:
-    levels, power = _SIGNED_CODE if stored.signed else _UNSIGNED_CODE
-    q = stored.codes.astype(jnp.float32) * (1.0 / levels)
-    if stored.signed:
-        normalised = q * jnp.abs(q) * (q * q)  # sign(q) q^4
-    else:
-        normalised = _power(q, power)
+    normalised = _normalised(stored.codes, stored.signed)
     values = (normalised * stored.scales[:, None]).reshape(-1)
     size = int(np.prod(stored.shape, dtype=np.int64))
     return values[:size].reshape(stored.shape)
