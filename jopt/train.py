@@ -767,7 +767,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     with checkpoints.manager(workdir, config.checkpoint_keep) as checkpoint_manager:
         state, start_epoch, history = _resume(checkpoint_manager, state, config, metrics_path)
-        if start_epoch and hasattr(epoch_fn, "restore_residuals"):
+        data_parallel = isinstance(epoch_fn, parallel.LoopEpochs)
+        if start_epoch and data_parallel:
             epoch_fn.restore_residuals(
                 checkpoints.restore_residuals(checkpoint_manager, start_epoch))
         if distributed.is_primary_process():
@@ -803,7 +804,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 plot_curves(history, workdir / "curves.png")
-            residuals = epoch_fn.residuals() if hasattr(epoch_fn, "residuals") else None
+            residuals = epoch_fn.residuals() if data_parallel else None
             checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
                              config, residuals=residuals,
                              image_shape=list(dataset.train_images.shape[1:]),
