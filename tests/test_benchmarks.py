@@ -1,0 +1,54 @@
+"""The update benchmark runs end to end at toy sizes and reports what the issue asks for.
+
+Timings are not checked here (speed goals live in the benchmark's own output); this
+guards the script against bit rot: every case compiles and runs, and the JSON
+carries the required keys with sane values.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_benchmark_json_has_the_required_keys():
+    update = _load("update")
+    args = argparse.Namespace(
+        json=True, size=5000, leaves=6, leaf_size=50, steps=2, repeats=1)
+    result = json.loads(json.dumps(update.run(args)))  # JSON-serialisable
+    for key in ("flat_step_speedup_vs_optax", "flat_compile_speedup_vs_optax",
+                "jopt_vs_bandwidth_limit", "int8_encode_only_vs_optax_float32"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert set(result["state_bytes_per_param"]) == {"optax", "float32", "bfloat16", "int8"}
+    per_param = result["state_bytes_per_param"]  # counters add a few bytes in all
+    assert per_param["optax"] == pytest.approx(8.0, abs=0.01)
+    assert per_param["float32"] == pytest.approx(8.0, abs=0.01)
+    assert per_param["bfloat16"] == pytest.approx(4.0, abs=0.01)
+    assert per_param["int8"] < 2.1
+    assert set(result["update_time_vs_optax_float32"]) == {"float32", "bfloat16", "int8"}
+    assert set(result["many_leaves"]["ms_per_step"]) == {"optax", "jopt_tree", "jopt_flat"}
+
+
+@pytest.mark.slow
+def test_update_benchmark_command_line_prints_one_json_object():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "update.py"), "--json", "--size", "4096",
+         "--leaves", "3", "--leaf-size", "10", "--steps", "2", "--repeats", "1"],
+        capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout)
+    assert result["platform"] == "cpu"
+    assert result["single_leaf"]["size"] == 4096
