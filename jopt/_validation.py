@@ -9,8 +9,10 @@ import jax
 
 
 def _concrete_float(value: Any) -> float | None:
-    """The value as a float, or None when it is traced (e.g. `inject_hyperparams`)."""
-    if isinstance(value, jax.core.Tracer):
+    """The value as a float, or None when it is traced (e.g. `inject_hyperparams`)
+    or not a number (strings such as ``"0.9"`` are not numbers here: they would
+    only fail later, inside the update)."""
+    if isinstance(value, jax.core.Tracer) or isinstance(value, (str, bytes)):
         return None
     try:
         return float(value)
@@ -29,17 +31,18 @@ def check_in_range(
 ) -> None:
     """Raises `ValueError` unless ``low <= value`` and ``value < high`` (or ``<=``).
 
-    Traced values are not checked (they are checked where they were concrete).
+    ``None``, strings and infinities are errors (an unbounded ``high`` is an open
+    end). Traced values are not checked (they are checked where they were
+    concrete); callables (schedules) are left to their callers.
     """
-    number = _concrete_float(value)
-    if number is None and value is not None and not callable(value):
-        if isinstance(value, jax.core.Tracer):
-            return
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if number is None:
+    if isinstance(value, jax.core.Tracer) or callable(value):
         return
+    number = _concrete_float(value)
+    if number is None:
+        raise ValueError(f"{name} must be a number, got {value!r}. {hint}".strip())
     too_low = low is not None and number < low
-    too_high = high is not None and (number > high if high_inclusive else number >= high)
+    too_high = (math.isinf(number) if high is None else
+                (number > high if high_inclusive else number >= high))
     if math.isnan(number) or too_low or too_high:
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"

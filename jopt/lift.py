@@ -114,7 +114,12 @@ def check_tree_match(updates: Any, reference: Any, transformation: str) -> list:
     except (ValueError, TypeError):
         stored = None
     if stored is not None:
-        if any(_shape(u) != _shape(s) for u, s in zip(jax.tree.leaves(updates), stored)):
+        # A stored leaf must be an array (or its encoded form), not a container that
+        # a leaf of ``updates`` happened to line up with (a lone 0-d gradient against
+        # a dict of state has "shape ()" on both sides).
+        if any(not (storage_lib.is_encoded(s) or s is None or hasattr(s, "shape"))
+               or _shape(u) != _shape(s)
+               for u, s in zip(jax.tree.leaves(updates), stored)):
             stored = None
     if stored is None:
         raise TypeError(

@@ -14,6 +14,7 @@ from typing import Any
 import optax
 
 from jopt import flat, transforms
+from jopt import storage as storage_lib
 from jopt._validation import check_in_range, check_learning_rate
 from jopt.base import GradientTransformationExtraArgs, ScalarOrSchedule, chain, identity
 from jopt.transforms import StateStorageLike
@@ -87,11 +88,14 @@ def sgd(
     """
     if nesterov and momentum is None:
         raise ValueError("nesterov=True needs momentum; pass momentum=0.9, for example.")
+    storage_lib.resolve_storage(state_storage)  # a bad name fails here, with momentum or not
     if momentum is None:
         if not (isinstance(dampening, (int, float)) and dampening == 0):
             raise ValueError("dampening needs momentum; pass momentum as well.")
         velocity = identity()
     else:
+        check_in_range("momentum", momentum, 0.0, 1.0, high_inclusive=True,
+                       hint="Typical momentum values are 0.9 or 0.99.")
         velocity = transforms.scale_by_momentum(
             momentum,
             nesterov=nesterov,
@@ -279,6 +283,9 @@ def rmsprop(
     """
     if nesterov and momentum is None:
         raise ValueError("nesterov=True needs momentum; pass momentum=0.9, for example.")
+    if momentum is not None:
+        check_in_range("momentum", momentum, 0.0, 1.0, high_inclusive=True,
+                       hint="Typical momentum values are 0.9 or 0.99.")
     return chain(
         transforms.scale_by_rms(
             decay, eps, initial_scale, eps_in_sqrt, bias_correction,

@@ -102,4 +102,6 @@ def step_decay_schedule(
     check_in_range("decay_factor", decay_factor, 0.0, 1.0, high_inclusive=True)
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size!r}.")
+    if decay_factor == 0:  # optax reads a decay rate of 0 as "constant"
+        return piecewise_constant_schedule(init_value, {int(step_size): 0.0})
     return exponential_decay(init_value, step_size, decay_factor, staircase=True)

@@ -231,7 +231,10 @@ def scale_by_rms(
     where ``μ_t = ρμ_{t−1} + (1−ρ)g_t`` when ``centered`` (Graves 2013) and 0
     otherwise; ``eps_in_sqrt`` picks the first or second form. With
     ``bias_correction`` the moments are divided by ``1 − ρ^t``. ``centered=False``
-    matches optax's ``scale_by_rms``, ``centered=True`` its ``scale_by_stddev``.
+    matches optax's ``scale_by_rms``, ``centered=True`` its ``scale_by_stddev``,
+    except that ``ν_t − μ_t²`` is clamped at 0: rounding (of lossy
+    ``state_storage``, or of float32 when the variance is tiny against the mean)
+    can make it negative, where optax's square root gives NaN.
 
     Args:
       decay: ``ρ`` in [0, 1).
@@ -269,7 +272,10 @@ def scale_by_rms(
         variance = corrected(nu, count)
         if centered:
             mu = (1 - decay) * grad + decay * moments[0]
-            variance = variance - _abs_sq(corrected(mu, count))
+            # Mathematically >= 0; the rounding of separately stored mu and nu (bf16,
+            # int8, even float32 when the variance is tiny against the mean) can
+            # make it negative, and rsqrt of that is NaN.
+            variance = jnp.maximum(variance - _abs_sq(corrected(mu, count)), 0.0)
         if eps_in_sqrt:
             scale = jax.lax.rsqrt(variance + eps)
         else:

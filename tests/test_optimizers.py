@@ -302,7 +302,16 @@ def test_flax_nnx_optimizer_accepts_jopt_optimizer():
         (lambda: jopt.adam(0.1, b2=-0.5), r"b2 must be in \[0, 1\), got -0.5"),
         (lambda: jopt.adam(0.1, eps=-1e-8), r"eps must be in \[0, inf\)"),
         (lambda: jopt.adamw(0.1, weight_decay=-1.0), r"weight_decay must be in \[0, inf\)"),
-        (lambda: jopt.sgd(0.1, momentum=1.5), r"decay must be in \[0, 1\]"),
+        (lambda: jopt.sgd(0.1, momentum=1.5), r"momentum must be in \[0, 1\], got 1.5"),
+        (lambda: jopt.nesterov(0.1, momentum=-0.5), r"momentum must be in \[0, 1\]"),
+        (lambda: jopt.rmsprop(0.1, momentum=2.0), r"momentum must be in \[0, 1\]"),
+        (lambda: jopt.sgd(0.1, state_storage="int4"), r"state_storage='int4' is not a known"),
+        (lambda: jopt.adam("0.1"), r"learning_rate must be a number, got '0.1'"),
+        (lambda: jopt.adam(None), r"learning_rate must be a number, got None"),
+        (lambda: jopt.adam(0.1, b1=None), r"b1 must be a number, got None"),
+        (lambda: jopt.adam(0.1, b1="0.9"), r"b1 must be a number"),
+        (lambda: jopt.adam(float("inf")), r"learning_rate must be in \[0, inf\), got inf"),
+        (lambda: jopt.adamw(0.1, weight_decay=float("inf")), r"weight_decay must be in"),
         (lambda: jopt.sgd(0.1, momentum=0.9, dampening=1.0), r"dampening must be in \[0, 1\)"),
         (lambda: jopt.rmsprop(0.1, decay=2.0), r"decay must be in \[0, 1\)"),
         (lambda: jopt.adagrad(0.1, initial_accumulator_value=-1.0),
@@ -319,6 +328,38 @@ def test_flax_nnx_optimizer_accepts_jopt_optimizer():
 def test_invalid_hyperparameters_raise_a_clear_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("params, grads", [
+    ({"a": jnp.array(1.0)}, jnp.array(1.0)),           # a lone 0-d gradient vs a dict
+    ([jnp.ones(3), jnp.ones(3)], jnp.ones((2, 3))),    # one array vs a list of two
+])
+def test_a_gradient_leaf_against_a_state_container_is_a_tree_mismatch(params, grads):
+    tx = jopt.adam(0.1)
+    with pytest.raises(TypeError, match="the updates do not match the optimizer state"):
+        tx.update(grads, tx.init(params))
+
+
+@pytest.mark.parametrize("state_storage", ["bfloat16", "int8"])
+def test_centered_rmsprop_with_lossy_state_stays_finite(state_storage):
+    # A gradient with a large mean and little noise: nu - mu^2 is tiny, and the
+    # separately rounded mu and nu could make it negative (rsqrt -> NaN).
+    tx = jopt.rmsprop(1e-3, decay=0.9, centered=True, state_storage=state_storage)
+    params = jnp.zeros(8192)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    noise = jax.random.normal(jax.random.key(0), (100, 8192))
+    for i in range(100):
+        updates, state = update(1.0 + 0.01 * noise[i], state)
+        params = params + updates
+    assert bool(jnp.all(jnp.isfinite(params)))
+    # Same steps as float32 state, near enough (each ~ lr / sqrt(variance + eps)).
+    reference = jopt.rmsprop(1e-3, decay=0.9, centered=True)
+    ref_params, ref_state = jnp.zeros(8192), reference.init(jnp.zeros(8192))
+    for i in range(100):
+        updates, ref_state = reference.update(1.0 + 0.01 * noise[i], ref_state)
+        ref_params = ref_params + updates
+    assert bool(jnp.all(jnp.sign(params) == jnp.sign(ref_params)))
 
 
 def test_mismatched_gradient_tree_names_the_first_differing_path():
@@ -382,6 +423,9 @@ def test_classic_schedules():
     assert float(staircase(3)) == pytest.approx(0.5)
     step = jopt.schedules.step_decay_schedule(0.1, 0.5, step_size=10)
     assert [float(step(t)) for t in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    # A factor of 0 drops to 0 (optax's exponential_decay reads rate 0 as "constant").
+    drop = jopt.schedules.step_decay_schedule(0.1, 0.0, step_size=10)
+    assert [float(drop(t)) for t in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.0, 0.0])
 
 
 @pytest.mark.parametrize(
