@@ -446,7 +446,7 @@ class Int8BlockStorage(StateStorage):
         self.stochastic_rounding = stochastic_rounding
 
     def encode(self, value, *, like, signed):
-        if value.size < self.min_size or jnp.iscomplexobj(value):
+        if value.size == 0 or value.size < self.min_size or jnp.iscomplexobj(value):
             return value.astype(compute_dtype(value.dtype))
         return _quantize(value, signed, _next_step(like), self.stochastic_rounding)
 
@@ -508,13 +508,43 @@ def state_nbytes(tree: Any) -> int:
 # Fields of optax/jopt states known to hold non-negative trees (second moments,
 # sums of squares). Anything else is treated as signed, which is always correct.
 NONNEGATIVE_STATE_FIELDS = frozenset({
-    "nu",  # adam, rmsprop, adabelief, yogi, sm3, ... (optax and jopt)
+    "nu",  # adam, rmsprop, adabelief, yogi, ... (optax and jopt; not sm3, see below)
     "nu_max",  # amsgrad
     "sum_of_squares",  # adagrad
     "e_g", "e_x",  # adadelta
     "exp_avg_sq",  # dadapt_adamw
     "grad_sum_sq",  # madgrad
 })
+
+
+# (state class name, field) pairs whose field name is in NONNEGATIVE_STATE_FIELDS
+# but which hold a signed tree: optax.sm3 keeps its momentum in ``nu``.
+_SIGNED_FIELDS_OF = {("ScaleBySM3State", "nu")}
+
+# State fields that are never per-parameter state, whatever their shapes (with a
+# single 0-d parameter every float scalar has "the params' layout").
+_NOT_PARAMETER_STATE = frozenset({"count", "hyperparams", "hyperparams_states"})
+
+
+def _signed_paths(state: Any) -> set:
+    """Key paths of fields listed in ``_SIGNED_FIELDS_OF`` within ``state``."""
+    paths = set()
+
+    def visit(path, node):
+        for field in (f for cls, f in _SIGNED_FIELDS_OF if type(node).__name__ == cls):
+            paths.add(path + (jax.tree_util.GetAttrKey(field),))
+        return node
+
+    is_marked = lambda x: any(type(x).__name__ == cls for cls, _ in _SIGNED_FIELDS_OF)  # noqa: E731
+    jax.tree_util.tree_map_with_path(visit, state, is_leaf=is_marked)
+    return paths
+
+
+def _is_parameter_state(path: tuple) -> bool:
+    return not any(
+        (isinstance(k, jax.tree_util.GetAttrKey) and k.name in _NOT_PARAMETER_STATE)
+        or (isinstance(k, jax.tree_util.DictKey) and k.key in _NOT_PARAMETER_STATE)
+        for k in path)
 
 
 def _field_name(path: tuple) -> str | None:
@@ -583,6 +613,11 @@ def with_state_storage(
     last attribute or dict key on its path, e.g. ``nu``) is in ``nonnegative``;
     everything else gets the signed code, which is correct for any sign but has
     less range. Unknown non-negative fields thus only lose precision, never sign.
+    (``optax.sm3`` keeps its signed momentum in a field named ``nu``: it is
+    recognised by its state class and kept signed.) Fields named ``count``,
+    ``hyperparams`` or ``hyperparams_states`` are never encoded, and state that
+    ``inner`` already stores encoded (a jopt optimizer given its own
+    ``state_storage``) is passed to it as it is, so its rounding counter advances.
 
     Args:
       inner: any optax (or jopt) transformation.
@@ -609,17 +644,21 @@ def with_state_storage(
     codec = resolve_storage(storage)
     inner = optax.with_extra_args_support(inner)
     if callable(nonnegative):
-        is_nonnegative = nonnegative
+        def is_nonnegative(path, signed_paths):
+            del signed_paths  # the caller's predicate decides alone
+            return nonnegative(path)
     else:
         names = frozenset(nonnegative)
-        is_nonnegative = lambda path: _field_name(path) in names  # noqa: E731
+
+        def is_nonnegative(path, signed_paths):
+            return path not in signed_paths and _field_name(path) in names
 
     def layout_of(tree):
         leaves, treedef = jax.tree.flatten(tree)
         return treedef, [tuple(jnp.shape(x)) for x in leaves]
 
-    def encode_subtree(path, node, like, treedef):
-        signed = not is_nonnegative(path)
+    def encode_subtree(path, node, like, treedef, signed_paths):
+        signed = not is_nonnegative(path, signed_paths)
         values = treedef.flatten_up_to(node)
         likes = treedef.flatten_up_to(like)
         out = [
@@ -631,38 +670,50 @@ def with_state_storage(
         ]
         return treedef.unflatten(out)
 
-    def decode_subtree(node, treedef):
-        values = treedef.flatten_up_to(node)
+    def decode_subtree(node, own, treedef):
+        # ``own``: inner's state as inner itself lays it out; where inner stores a
+        # value encoded (a jopt optimizer given its own state_storage), inner also
+        # decodes it, and needs the stored form (its rounding counter) back.
         out = [
-            codec.decode(v)
+            v if isinstance(o, EncodedArray)
+            else codec.decode(v)
             if isinstance(v, EncodedArray)
             or (_stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact))
             else v
-            for v in values
+            for v, o in zip(treedef.flatten_up_to(node), treedef.flatten_up_to(own))
         ]
         return treedef.unflatten(out)
 
+    def matcher(treedef, shapes):
+        like_params = _params_like(treedef, shapes)
+        return lambda path, node: like_params(node) and _is_parameter_state(path)
+
     def init_fn(params):
         treedef, shapes = layout_of(params)
-        match = _params_like(treedef, shapes)
+        match = matcher(treedef, shapes)
         state = inner.init(params)
+        signed_paths = _signed_paths(state)
         return jax.tree_util.tree_map_with_path(
-            lambda path, node: encode_subtree(path, node, params, treedef)
-            if match(node) else node,
-            state, is_leaf=match)
+            lambda path, node: encode_subtree(path, node, params, treedef, signed_paths)
+            if match(path, node) else node,
+            state, is_leaf=_params_like(treedef, shapes))
 
     def update_fn(updates, state, params=None, **extra_args):
         treedef, shapes = layout_of(updates)
-        match = _params_like(treedef, shapes)
-        decoded = jax.tree.map(
-            lambda node: decode_subtree(node, treedef) if match(node) else node,
-            state, is_leaf=match)
+        match = matcher(treedef, shapes)
+        is_leaf = _params_like(treedef, shapes)
+        own = jax.eval_shape(inner.init, updates if params is None else params)
+        signed_paths = _signed_paths(own)
+        decoded = jax.tree_util.tree_map_with_path(
+            lambda path, node, own_node: decode_subtree(node, own_node, treedef)
+            if match(path, node) else node,
+            state, own, is_leaf=is_leaf)
         new_updates, new_state = inner.update(updates, decoded, params, **extra_args)
         try:
             new_state = jax.tree_util.tree_map_with_path(
-                lambda path, node, old: encode_subtree(path, node, old, treedef)
-                if match(node) else node,
-                new_state, state, is_leaf=match)
+                lambda path, node, old: encode_subtree(path, node, old, treedef, signed_paths)
+                if match(path, node) else node,
+                new_state, state, is_leaf=is_leaf)
         except ValueError as e:
             raise ValueError(
                 "with_state_storage: the inner transformation returned a state whose "

@@ -385,6 +385,66 @@ def test_wrapper_signedness_can_be_overridden():
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
+def test_wrapper_keeps_sm3_momentum_signed():
+    # optax.sm3 keeps its momentum (signed) in a field named "nu", the name of
+    # Adam's second moment; the unsigned code would zero its negative half.
+    params = jnp.zeros(5000)
+    target = jnp.where(jnp.arange(5000) % 2 == 0, 1.0, -1.0)
+    grad = jax.grad(lambda w: 0.5 * jnp.sum((w - target) ** 2))
+    results = {}
+    for name, tx in [("optax", optax.sm3(0.5)),
+                     ("int8", storage.with_state_storage(optax.sm3(0.5), "int8"))]:
+        w, state = params, tx.init(params)
+        for _ in range(50):
+            updates, state = tx.update(grad(w), state, w)
+            w = w + updates
+        results[name] = (w, state)
+    momentum = results["int8"][1][0].nu
+    assert isinstance(momentum, storage.QuantizedArray) and momentum.signed
+    np.testing.assert_allclose(results["int8"][0], results["optax"][0], atol=0.02)
+
+
+def test_wrapper_leaves_state_the_inner_optimizer_encodes_itself_alone():
+    # jopt.adam with its own bf16 storage, wrapped: the wrapper must hand the
+    # stored form back (with its rounding counter), so the run equals the bare one.
+    params = {"w": jnp.linspace(-1.0, 1.0, 5000)}
+    grads = {"w": jnp.cos(jnp.arange(5000.0))}
+    bare = jopt.adam(0.01, state_storage="bfloat16")
+    wrapped = storage.with_state_storage(jopt.adam(0.01, state_storage="bfloat16"), "float32")
+    runs = []
+    for tx in (bare, wrapped):
+        state, out = tx.init(params), []
+        for _ in range(4):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            out.append(updates["w"])
+        runs.append((out, state))
+    assert int(runs[1][1][0].nu["w"].step) == int(runs[0][1][0].nu["w"].step) == 4
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wrapper_never_encodes_hyperparameters_of_a_scalar_parameter():
+    # With one 0-d parameter every float scalar of the state has its shape.
+    tx = storage.with_state_storage(
+        optax.inject_hyperparams(optax.adam)(learning_rate=0.1), "bfloat16")
+    reference = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+    w = jnp.array(1.0)
+    state, ref_state = tx.init(w), reference.init(w)
+    assert state.hyperparams["b2"].dtype == jnp.float32
+    for g in (0.5, -0.25, 1.0):
+        updates, state = tx.update(jnp.array(g), state, w)
+        ref_updates, ref_state = reference.update(jnp.array(g), ref_state, w)
+        assert float(updates) == pytest.approx(float(ref_updates), rel=1e-2)
+    assert float(state.hyperparams["b2"]) == pytest.approx(0.999, rel=1e-7)
+
+
+def test_int8_keeps_empty_arrays_as_float32():
+    codec = storage.Int8BlockStorage(min_size=0)
+    stored = codec.encode(jnp.zeros((0, 3)), like=jnp.zeros((0, 3)), signed=True)
+    assert stored.shape == (0, 3) and stored.dtype == jnp.float32
+    assert codec.decode(stored).shape == (0, 3)
+
+
 def test_wrapper_keeps_update_dtypes_and_masked_states():
     params = {"a": jnp.ones(5000, jnp.bfloat16), "b": jnp.ones(5000)}
     mask = {"a": True, "b": False}
