@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -39,13 +41,110 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta:
         np.savez(file, **stored)
 
 
-def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], Any]:
-    """The arrays and JSON header of a :func:`write_npz` file (ValueError if not one)."""
-    with np.load(path, allow_pickle=False) as data:
-        if META not in data.files:
-            raise ValueError(f"{os.fspath(path)!r} was not written by jopt (no {META} entry).")
-        arrays = {name: data[name] for name in data.files if name != META}
-        return arrays, json.loads(str(data[META]))
+DEFAULT_REMEDY = ("Re-create it with the jopt function that wrote it "
+                  "(`jopt quantize` / jopt.quantization.save_quantized, or "
+                  "jopt.pruning.save_sparse).")
+
+_KINDS = {
+    "sparse": "a jopt.pruning.save_sparse file (read it with jopt.pruning.load_sparse)",
+    "quantized": ("a jopt.quantization.save_quantized file (read it with "
+                  "jopt.quantization.load_quantized)"),
+}
+
+
+class InvalidFileError(ValueError):
+    """A file that is not a readable jopt ``.npz`` file: corrupt, truncated or another kind."""
+
+
+def bad_file(path: str | os.PathLike[str], problem: str,
+             remedy: str | None = None) -> InvalidFileError:
+    """The error for a bad file: names the file, what is wrong and what to do."""
+    return InvalidFileError(f"{os.fspath(path)!r} is not a valid jopt file: {problem}. "
+                            f"{remedy or DEFAULT_REMEDY}")
+
+
+def file_kind(meta: list[dict]) -> str | None:
+    """``"sparse"`` or ``"quantized"``: which writer produced these records (None: unknown)."""
+    if any("format" in record for record in meta):
+        return "sparse"
+    if any("mode" in record for record in meta) or (
+            meta and all(set(record) == {"path", "dtype"} for record in meta)):
+        return "quantized"
+    return None
+
+
+def describe_kind(kind: str) -> str:
+    return _KINDS[kind]
+
+
+class _Strict(dict):
+    """A dict read from a file: a missing key is an :class:`InvalidFileError`, not a KeyError."""
+
+    def __init__(self, items, path, meta, remedy, what):
+        super().__init__(items)
+        self._path, self._meta, self._remedy, self._what = path, meta, remedy, what
+
+    def __missing__(self, name):
+        problem = f"{self._what} has no {name!r}"
+        kind = file_kind(self._meta)
+        if kind is not None:
+            problem += f" (the file looks like {describe_kind(kind)})"
+        raise bad_file(self._path, problem, self._remedy)
+
+
+_UNREADABLE = (zipfile.BadZipFile, EOFError, ValueError, zlib.error, NotImplementedError)
+
+
+def read_npz(path: str | os.PathLike[str], *, remedy: str | None = None
+             ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The arrays and JSON header of a :func:`write_npz` file.
+
+    The arrays and each leaf record come as dicts whose missing keys raise
+    :class:`InvalidFileError`.
+
+    Raises:
+      InvalidFileError: (a ValueError) the file is empty, truncated, corrupt, not an
+        ``.npz`` or not written by :func:`write_npz`; the message names the file,
+        the problem and ``remedy`` (default: re-create it).
+      OSError: the file cannot be opened (FileNotFoundError, PermissionError, ...).
+    """
+    def fail(problem):
+        return bad_file(path, problem, remedy)
+
+    # np.load's own messages for non-.npz input (EOFError, or advice to pass
+    # allow_pickle=True for arbitrary bytes) are misleading, so none is passed on.
+    # The file is opened here so that it is closed whatever np.load raises.
+    with open(path, "rb") as file:
+        try:
+            data = np.load(file, allow_pickle=False)
+        except (*_UNREADABLE, OSError):
+            empty = os.fstat(file.fileno()).st_size == 0
+            raise fail("the file is empty" if empty else
+                       "it is not an .npz (zip) archive, or it is truncated") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise fail("it holds a single .npy array, not an .npz archive")
+        with data:
+            if META not in data.files:
+                raise fail(f"it has no {META} entry, so it was not written by jopt")
+            arrays = {}
+            for name in data.files:
+                try:
+                    arrays[name] = data[name]
+                except (*_UNREADABLE, OSError):
+                    raise fail(f"its entry {name!r} is unreadable (corrupt or truncated)"
+                               ) from None
+    header = arrays.pop(META)
+    try:
+        if header.ndim != 0 or header.dtype.kind != "U":
+            raise ValueError
+        meta = json.loads(str(header))
+    except ValueError:
+        raise fail(f"its {META} header is not valid JSON text") from None
+    if not (isinstance(meta, list) and all(
+            isinstance(r, dict) and isinstance(r.get("path"), list) for r in meta)):
+        raise fail(f"its {META} header is not a list of leaf records")
+    records = [_Strict(r, path, meta, remedy, f"leaf record {i}") for i, r in enumerate(meta)]
+    return _Strict(arrays, path, meta, remedy, "the archive"), records
 
 
 def leaf_records(tree: Any, is_leaf) -> list[tuple[list, Any]]:

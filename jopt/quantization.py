@@ -18,11 +18,13 @@ binary     {−1, +1} (sign)         ``mean |w|`` (XNOR-Net)                    
   estimator (the gradient of the identity, zeroed outside the clipping range: the
   code range for int8/int4, ``|w| <= 1`` for binary). Optional int8 activations
   are quantized per row (per example) with a dynamic absmax scale.
-* **Post-training quantization** (:func:`quantize_params`) turns a trained float
-  tree into :class:`QuantizedTensor` leaves (int8 codes + scales).
-  :func:`quantized_apply` runs a Flax model with them: every ``Dense`` layer
-  quantizes its input per row to int8 and computes ``int8 × int8 → int32`` with
-  ``lax.dot_general(..., preferred_element_type=int32)``, then rescales.
+* **Post-training quantization** (:func:`quantize_params`) turns the dense
+  kernels (2-D arrays) of a trained float tree into :class:`QuantizedTensor`
+  leaves (int8 codes + scales); convolution kernels, embeddings, biases and
+  other leaves stay float. :func:`quantized_apply` runs a Flax model with them:
+  every ``Dense`` layer quantizes its input per row to int8 and computes
+  ``int8 × int8 → int32`` with ``lax.dot_general(..., preferred_element_type=int32)``,
+  then rescales.
 * :func:`size_report` compares the bytes of the float32 model and the quantized
   one (int4/ternary/binary codes counted packed; :func:`save_quantized` packs them
   on disk too).
@@ -356,6 +358,17 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedTensor)
 
 
+def _is_dense_kernel(path: tuple, leaf: Any) -> bool:
+    """A 2-D array not named ``bias`` or ``embedding``: a ``Dense`` kernel ``[in, out]``.
+
+    Convolution kernels (``[*window, in, out]``) and ``DenseGeneral`` / attention
+    kernels have ndim > 2, ``nn.Embed`` tables are named ``embedding``:
+    :func:`quantized_apply` could not run any of them quantized.
+    """
+    name = _npz.key_name(path[-1]) if path else None
+    return jnp.ndim(leaf) == 2 and name not in ("bias", "embedding")
+
+
 def quantize_params(params: Any, mode: str | int = "int8", *, include: Any = None) -> Any:
     """Post-training quantization of a float params tree.
 
@@ -363,14 +376,27 @@ def quantize_params(params: Any, mode: str | int = "int8", *, include: Any = Non
       params: a trained params tree (or Flax variables ``{"params": ...}``).
       mode: see :func:`quantize`.
       include: a tree of bools like ``params`` or a function returning one;
-        default: arrays with ndim >= 2 (kernels). Other leaves stay float.
+        default: the dense kernels, i.e. every 2-D array not named ``"bias"``
+        or ``"embedding"`` (``nn.Embed`` tables). Convolution kernels (ndim > 2),
+        biases and all other leaves stay float, as :func:`quantized_apply` needs
+        (it runs only ``Dense`` layers in integers).
 
     Returns:
       ``params`` with :class:`QuantizedTensor` in place of the included arrays.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jopt import quantization
+      >>> from jopt.models import CNN
+      >>> model = CNN(conv_features=(4,), hidden_sizes=(8,))
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8)))
+      >>> q = quantization.quantize_params(variables)["params"]
+      >>> type(q["conv_0"]["kernel"]).__name__, type(q["head"]["logits"]["kernel"]).__name__
+      ('ArrayImpl', 'QuantizedTensor')
     """
     mode = resolve_mode(mode)
     if include is None:
-        include = jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+        include = jax.tree_util.tree_map_with_path(_is_dense_kernel, params)
     elif callable(include):
         include = include(params)
     return jax.tree.map(lambda p, flag: quantize(p, mode) if flag else p, params, include)
@@ -384,34 +410,71 @@ def int8_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
       q_x = \operatorname{round}(x / s_x),\; s_x = \max_j |x_{\cdot j}| / 127
 
     with one ``s_x`` per row of ``x`` (dynamic, per example) and one ``s_W`` per
-    output channel. Products of int8 codes are at most 127², so the int32
-    accumulator is exact for inputs of up to 133,000 features.
+    output channel (``channel_axis=-1``, the default of :func:`quantize`) or one
+    for the whole weight (``channel_axis=None``). A weight quantized per *input*
+    channel (``channel_axis=0``, scale ``[in, 1]``) has its scale folded into
+    ``x`` before ``x`` is quantized: ``x · (q_W s_W) = (x s_W^T) · q_W``. Products
+    of int8 codes are at most 127², so the int32 accumulator is exact for inputs
+    of up to 133,000 features.
 
     Args:
       x: float activations ``[..., in]``.
-      w: a 2-D :class:`QuantizedTensor` ``[in, out]`` (any mode: its codes are int8).
+      w: a 2-D :class:`QuantizedTensor` ``[in, out]`` (any mode: its codes are int8)
+        with scale ``[1, out]``, ``[in, 1]`` or ``[1, 1]``.
 
     Returns:
       float32 ``[..., out]``.
 
     Raises:
-      ValueError: ``w`` is not 2-D or its input size does not match ``x``.
+      ValueError: ``w`` is not 2-D, its input size does not match ``x``, or its
+        scale is not one per output channel, per input channel or per tensor.
     """
     if w.codes.ndim != 2 or w.codes.shape[0] != jnp.shape(x)[-1]:
         raise ValueError(
             f"int8_matmul needs a 2-D [in, out] weight whose in matches x's last axis; "
             f"got x {jnp.shape(x)} and weight {w.shape}."
         )
+    fan_in, fan_out = w.codes.shape
+    scale = jnp.asarray(w.scale, jnp.float32)
+    if scale.ndim <= 2:
+        scale = scale.reshape((1,) * (2 - scale.ndim) + scale.shape)
+    if scale.ndim == 2 and scale.shape[0] == 1 and scale.shape[1] in (1, fan_out):
+        output_scale = scale.reshape(-1)  # per output channel (or per tensor)
+    elif scale.ndim == 2 and scale.shape == (fan_in, 1):
+        x = jnp.asarray(x, jnp.float32) * scale.reshape(-1)  # per input channel: fold into x
+        output_scale = jnp.float32(1.0)
+    else:
+        raise ValueError(
+            f"int8_matmul needs one weight scale per output channel [1, {fan_out}] "
+            f"(quantize(..., channel_axis=-1), the default), per input channel "
+            f"[{fan_in}, 1] (channel_axis=0) or per tensor (channel_axis=None); got scale "
+            f"shape {tuple(w.scale.shape)} for weight {w.shape}.")
     x_codes, x_scale = _per_row_int8(x)
     accumulated = jax.lax.dot_general(
         x_codes, w.codes, (((x_codes.ndim - 1,), (0,)), ((), ())),
         preferred_element_type=jnp.int32)
-    return accumulated.astype(jnp.float32) * x_scale * w.scale.reshape(-1)
+    return accumulated.astype(jnp.float32) * x_scale * output_scale
+
+
+def _quantized_leaves_of(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own (not its children's) params that are QuantizedTensors."""
+    own = module.variables.get("params", {})
+    return sorted(name for name, value in own.items() if isinstance(value, QuantizedTensor))
 
 
 def _int8_dense_interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, QuantDense)):
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if not isinstance(module, (nn.Dense, QuantDense)):
+        names = _quantized_leaves_of(module)
+        if names:
+            where = "/".join(module.scope.path) or type(module).__name__
+            raise ValueError(
+                f"quantized_apply runs only nn.Dense / QuantDense layers in integers, but "
+                f"{type(module).__name__} {where!r} has quantized parameters {names}. Keep "
+                f"them float: quantize_params' default quantizes only dense kernels, or "
+                f"pass include= to choose.")
         return next_fun(*args, **kwargs)
     kernel = module.get_variable("params", "kernel")
     if not isinstance(kernel, QuantizedTensor):
@@ -483,8 +546,26 @@ def _pack_codes(codes: np.ndarray, mode: str) -> np.ndarray:
     return np.packbits(flat < 0)  # binary
 
 
+def _packed_length(mode: str, size: int) -> int:
+    """Length of :func:`_pack_codes`'s output for ``size`` codes."""
+    if mode == "int8":
+        return size
+    if mode == "int4":
+        return -(-size // 2)
+    return -(-size // 8) * (2 if mode == "ternary" else 1)  # bit planes padded to bytes
+
+
 def _unpack_codes(packed: np.ndarray, mode: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Codes of ``shape`` from :func:`_pack_codes` output (ValueError if it does not fit)."""
     size = int(np.prod(shape, dtype=np.int64))
+    packed = np.asarray(packed)
+    expected = _packed_length(mode, size)
+    want_dtype = np.int8 if mode == "int8" else np.uint8
+    if packed.ndim != 1 or packed.size != expected or packed.dtype != want_dtype:
+        raise ValueError(
+            f"{mode} codes of shape {list(shape)} take {expected} {np.dtype(want_dtype).name} "
+            f"bytes packed, but {packed.size} {packed.dtype.name} values of shape "
+            f"{list(packed.shape)} are stored (truncated or corrupt)")
     if mode == "int8":
         flat = packed.astype(np.int8)
     elif mode == "int4":
@@ -497,6 +578,8 @@ def _unpack_codes(packed: np.ndarray, mode: str, shape: tuple[int, ...]) -> np.n
         flat = np.where(nonzero, np.where(negative, -1, 1), 0).astype(np.int8)
     else:
         flat = np.where(np.unpackbits(packed, count=size).astype(bool), -1, 1).astype(np.int8)
+    if mode in _INT_MAX and flat.size and int(flat.min()) < -_INT_MAX[mode]:
+        raise ValueError(f"{mode} codes hold {int(flat.min())}, outside ±{_INT_MAX[mode]}")
     return flat.reshape(shape)
 
 
@@ -526,17 +609,65 @@ def save_quantized(path: str | os.PathLike[str], qparams: Any) -> int:
     return os.path.getsize(path)
 
 
+_FILE_REMEDY = "Re-create it with `jopt quantize` (or jopt.quantization.save_quantized)."
+
+
+def _load_quantized_leaf(arrays: dict, i: int, record: dict) -> Any:
+    """One leaf of a :func:`save_quantized` file; ValueError saying what is wrong."""
+    if "mode" in record:
+        mode, shape = record["mode"], record["shape"]
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        if not (isinstance(shape, list) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise ValueError(f"bad shape {shape!r}")
+        shape = tuple(shape)
+        codes = _unpack_codes(arrays[f"{i}.codes"], mode, shape)
+        scale = arrays[f"{i}.scale"]
+        try:
+            fits = (scale.dtype == np.float32 and scale.ndim == len(shape)
+                    and np.broadcast_shapes(scale.shape, shape) == shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"its scale ({scale.dtype.name}{list(scale.shape)}) does not "
+                             f"broadcast to the codes' shape {list(shape)} as float32")
+        return QuantizedTensor(jnp.asarray(codes), jnp.asarray(scale), mode)
+    if "format" in record:  # every save_sparse record has one
+        raise ValueError(f"it is a leaf of {_npz.describe_kind('sparse')}")
+    array = arrays[f"{i}.array"]
+    try:
+        dtype = jnp.dtype(record["dtype"])
+    except TypeError:
+        raise ValueError(f"unknown dtype {record['dtype']!r}") from None
+    if array.dtype != dtype:
+        # write_npz stores bfloat16 & co. as unsigned ints of the same size
+        if array.dtype != np.dtype(f"uint{8 * dtype.itemsize}") or dtype.kind != "V":
+            raise ValueError(f"it is stored as {array.dtype.name}, not {dtype.name}")
+        array = array.view(dtype)
+    return jnp.asarray(array)
+
+
 def load_quantized(path: str | os.PathLike[str], *, like: Any = None) -> Any:
-    """Reads a :func:`save_quantized` file (``like``: as in :func:`jopt.pruning.load_sparse`)."""
-    arrays, meta = _npz.read_npz(path)
+    """Reads a :func:`save_quantized` file (``like``: as in :func:`jopt.pruning.load_sparse`).
+
+    Raises:
+      ValueError: the file is empty, truncated or corrupt (e.g. fewer packed codes
+        than its recorded shape needs), or not a :func:`save_quantized` file; the
+        message names the file and the problem.
+      OSError: the file cannot be opened (e.g. FileNotFoundError).
+    """
+    arrays, meta = _npz.read_npz(path, remedy=_FILE_REMEDY)
+    if _npz.file_kind(meta) == "sparse":
+        raise _npz.bad_file(path, f"it is {_npz.describe_kind('sparse')}, not a quantized "
+                                  f"model", _FILE_REMEDY)
     leaves = []
     for i, record in enumerate(meta):
-        if "mode" in record:
-            codes = _unpack_codes(arrays[f"{i}.codes"], record["mode"], tuple(record["shape"]))
-            leaves.append(QuantizedTensor(jnp.asarray(codes), jnp.asarray(arrays[f"{i}.scale"]),
-                                          record["mode"]))
-        else:
-            array = arrays[f"{i}.array"]
-            dtype = jnp.dtype(record["dtype"])
-            leaves.append(jnp.asarray(array if array.dtype == dtype else array.view(dtype)))
+        try:
+            leaves.append(_load_quantized_leaf(arrays, i, record))
+        except _npz.InvalidFileError:
+            raise
+        except ValueError as e:
+            name = "/".join(map(str, record["path"])) or "<root>"
+            raise _npz.bad_file(path, f"leaf {i} ({name}): {e}", _FILE_REMEDY) from None
     return _npz.rebuild([r["path"] for r in meta], leaves, like, _is_quantized)

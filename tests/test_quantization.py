@@ -292,3 +292,134 @@ def test_models_quantization_option():
         lambda p: quantization.fake_quantize(p, "ternary") if p.ndim == 2 else p, variables)
     np.testing.assert_allclose(qat_model.apply(variables, images),
                                float_model.apply(ternary, images), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+def test_cnn_quantizes_dense_kernels_and_keeps_convolutions_float():
+    """quantize_params' default used to quantize conv kernels, which nn.Conv cannot run."""
+    from jopt.models import CNN
+
+    model = CNN(conv_features=(4, 8), hidden_sizes=(16,))
+    images = jax.random.uniform(jax.random.key(0), (4, 28, 28))
+    variables = model.init(jax.random.key(1), images)
+    qvariables = quantization.quantize_params(variables, "int8")
+    q, p = qvariables["params"], variables["params"]
+    for conv in ("conv_0", "conv_1"):
+        assert not isinstance(q[conv]["kernel"], QuantizedTensor)
+        np.testing.assert_array_equal(q[conv]["kernel"], p[conv]["kernel"])
+    for dense in ("hidden_0", "logits"):
+        assert isinstance(q["head"][dense]["kernel"], QuantizedTensor)
+    logits = jax.jit(lambda v, x: quantization.quantized_apply(model, v, x))(qvariables, images)
+    reference = model.apply(variables, images)
+    assert logits.shape == (4, 10)
+    np.testing.assert_allclose(logits, reference, atol=0.03 * float(jnp.abs(reference).max()))
+    # The size report counts the conv kernels as float and only the dense kernels as codes.
+    report = quantization.size_report(variables, qvariables)
+    dense_size = 7 * 7 * 8 * 16 + 16 * 10  # 28 -> 14 -> 7 after two 2x2 poolings
+    assert report["weight_float32_bytes"] == dense_size * 4
+    assert report["weight_quantized_bytes"] == dense_size + (16 + 10) * 4
+    float_bytes = sum(x.size * 4 for x in jax.tree.leaves(variables))
+    assert report["quantized_bytes"] == float_bytes - dense_size * 4 + dense_size + 26 * 4
+    # Quantizing a conv kernel anyway gives a clear error instead of a TypeError.
+    forced = quantization.quantize_params(variables, include=lambda v: jax.tree.map(
+        lambda x: x.ndim == 4, v))
+    with pytest.raises(ValueError, match=r"Conv 'conv_0' has quantized parameters \['kernel'\]"):
+        quantization.quantized_apply(model, forced, images)
+
+
+def test_embedding_tables_and_2d_biases_stay_float():
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return nn.DenseGeneral((2, 3))(nn.Dense(5)(nn.Embed(10, 4)(tokens)))
+
+    model, tokens = Model(), jnp.array([[1, 2, 3]])
+    variables = model.init(jax.random.key(0), tokens)
+    q = quantization.quantize_params(variables)["params"]
+    assert isinstance(q["Dense_0"]["kernel"], QuantizedTensor)
+    assert not isinstance(q["Embed_0"]["embedding"], QuantizedTensor)
+    assert not isinstance(q["DenseGeneral_0"]["bias"], QuantizedTensor)  # 2-D bias
+    assert not isinstance(q["DenseGeneral_0"]["kernel"], QuantizedTensor)  # 3-D kernel
+    reference = model.apply(variables, tokens)
+    y = quantization.quantized_apply(model, {"params": q}, tokens)
+    np.testing.assert_allclose(y, reference, atol=0.03 * float(jnp.abs(reference).max()))
+
+
+def test_int8_matmul_with_per_input_channel_scales():
+    """channel_axis=0 scales used to be applied per output channel (94% error)."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(16, 16)).astype(np.float32)) * jnp.linspace(0.01, 10, 16)
+    x = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
+    for channel_axis in (-1, None, 0):
+        q = quantization.quantize(w, "int8", channel_axis=channel_axis)
+        reference = np.asarray(x @ q.dequantize())
+        error = np.abs(np.asarray(quantization.int8_matmul(x, q)) - reference).max()
+        assert error < 0.01 * np.abs(reference).max(), channel_axis
+    full = QuantizedTensor(q.codes, jnp.ones((16, 16)), "int8")
+    with pytest.raises(ValueError, match=r"per output channel \[1, 16\].*got scale shape"):
+        quantization.int8_matmul(x, full)
+
+
+def test_packed_lengths_match_the_packer():
+    for mode in MODES:
+        for size in (0, 1, 7, 8, 9, 15, 16, 17):
+            packed = quantization._pack_codes(np.zeros(size, np.int8), mode)
+            assert packed.size == quantization._packed_length(mode, size), (mode, size)
+
+
+def _assert_bad_file(path, *, match):
+    with pytest.raises(ValueError, match=match) as info:
+        quantization.load_quantized(path)
+    message = str(info.value)
+    assert str(path) in message and "jopt quantize" in message
+    assert "pickle" not in message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_codes_are_rejected(mode, tmp_path):
+    """Packed binary/ternary codes cut short used to load, zero-padded, without error."""
+    from jopt import _npz
+
+    q = quantization.quantize_params({"w": _kernel(shape=(64, 32))}, mode)
+    path = tmp_path / "q.npz"
+    quantization.save_quantized(path, q)
+    arrays, meta = _npz.read_npz(path)
+    short = dict(arrays, **{"0.codes": arrays["0.codes"][: arrays["0.codes"].size * 3 // 4]})
+    _npz.write_npz(path, short, meta)
+    expected = {"int8": 2048, "int4": 1024, "ternary": 512, "binary": 256}[mode]
+    _assert_bad_file(path, match=rf"leaf 0 \(w\): {mode} codes of shape \[64, 32\] take "
+                                 rf"{expected} .* but {expected * 3 // 4} ")
+
+
+def test_corrupt_and_foreign_files_give_value_errors(tmp_path):
+    from jopt import _npz, pruning
+
+    path = tmp_path / "q.npz"
+    quantization.save_quantized(path, quantization.quantize_params(
+        {"w": _kernel(), "b": jnp.zeros(6)}, "int4"))
+    raw = path.read_bytes()
+    cases = {
+        "empty.npz": (b"", "the file is empty"),
+        "truncated.npz": (raw[: len(raw) // 2], "not an .npz .zip. archive, or it is truncated"),
+        "random.npz": (np.random.default_rng(0).bytes(1000), "not an .npz"),
+    }
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        _assert_bad_file(tmp_path / name, match=match)
+    np.save(tmp_path / "single.npy", np.ones(3))
+    _assert_bad_file(tmp_path / "single.npy", match="single .npy array")
+    arrays, meta = _npz.read_npz(path)
+    np.savez(tmp_path / "json.npz", **arrays, __jopt_meta__=np.array("{not json"))
+    _assert_bad_file(tmp_path / "json.npz", match="header is not valid JSON")
+    missing = {k: v for k, v in arrays.items() if k != "0.array"}
+    _npz.write_npz(tmp_path / "missing.npz", missing, meta)
+    _assert_bad_file(tmp_path / "missing.npz", match="has no '0.array'")
+    pruning.save_sparse(tmp_path / "sparse.npz", pruning.strip({"w": np.eye(8, dtype=np.float32)}))
+    _assert_bad_file(tmp_path / "sparse.npz", match="jopt.pruning.load_sparse")
+    # The other direction: load_sparse on a quantized file names the right loader.
+    with pytest.raises(ValueError, match="jopt.quantization.load_quantized"):
+        pruning.load_sparse(path)
+    # And load_quantized still reads the intact file.
+    assert isinstance(quantization.load_quantized(path)["w"], QuantizedTensor)
