@@ -286,6 +286,28 @@ def test_strip_round_trip(format, tmp_path):
     assert jax.tree.structure(like) == jax.tree.structure(masked)
 
 
+@pytest.mark.parametrize("format, damage, message", [
+    ("dense", lambda a: {**a, "0.values": a["0.values"][: a["0.values"].size // 2]},
+     "stored values for"),
+    ("bitmask", lambda a: {**a, "0.positions": a["0.positions"][:-3]}, "a bitmask of"),
+    ("bitmask", lambda a: {**a, "0.values": a["0.values"][:-1]}, "stored values for"),
+    ("indices", lambda a: {**a, "0.positions": a["0.positions"] + 60000}, "indices outside"),
+    ("indices", lambda a: {**a, "0.values": a["0.values"].astype(np.float64)},
+     "expected a flat array of float32"),
+])
+def test_damaged_sparse_files_name_the_leaf_and_the_problem(tmp_path, format, damage, message):
+    from jopt import _npz
+
+    w = np.asarray(jax.random.normal(jax.random.key(5), (64, 32)))
+    keep = np.asarray(pruning.compute_masks({"w": w}, 0.8)["w"])
+    path = tmp_path / "model.npz"
+    pruning.save_sparse(path, pruning.strip({"w": w * keep}, {"w": keep}, format=format))
+    arrays, meta = _npz.read_npz(path)
+    _npz.write_npz(path, damage(dict(arrays)), meta)
+    with pytest.raises(ValueError, match=f"leaf 0 \\(w\\): .*{message}"):
+        pruning.load_sparse(path)
+
+
 def test_stripped_size_reflects_sparsity(tmp_path):
     w = np.asarray(jax.random.normal(jax.random.key(4), (256, 128)))
     keep = np.asarray(pruning.compute_masks({"w": w}, 0.9)["w"])
