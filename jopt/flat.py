@@ -26,6 +26,16 @@ leaf per *buffer* on a ``FlatParams``, so a mask such as "decay weights, not
 biases" needs per-element masks: :meth:`FlatParams.pack_like` turns a tree of
 per-leaf booleans into one, and :func:`masked` is ``optax.masked`` that accepts
 both (a mask function always receives the original tree).
+
+Not every optax transformation gives the same result on a ``FlatParams`` as on
+the tree. Exact: elementwise ones (``sgd``, momentum, ``adam``/``adamw``,
+``rmsprop``, ``lion``, ``add_decayed_weights``, ``clip``, jopt's optimizers) and
+global-norm ones (``clip_by_global_norm``; the zero padding adds nothing to the
+norm). Different: those computing per-leaf norms or shape-dependent statistics,
+which see each whole buffer as one 1-D leaf - ``optax.lamb``, ``optax.lars``,
+``scale_by_trust_ratio``, ``clip_by_block_rms``, ``adafactor`` (factored second
+moments, per-leaf RMS scaling) and other matrix-shaped methods; run those on the
+unpacked tree.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import optax
 
 from jopt import storage as storage_lib
 
-__all__ = ["FlatLayout", "FlatParams", "masked"]
+__all__ = ["FlatLayout", "FlatParams", "FlatShard", "masked"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,26 @@ class _LeafSlot:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+@dataclasses.dataclass(frozen=True)
+class FlatShard:
+    """Marks a layout as one device's equal slice of ``layout``'s buffers (ZeRO-1).
+
+    Device ``i`` of mesh axis ``axis_name`` (``i = lax.axis_index(axis_name)``) holds
+    values ``[i * n, (i + 1) * n)`` of each buffer, ``n = size / num_shards``. Such a
+    shard cannot be unpacked, but :meth:`FlatParams.pack_like` and :func:`masked`
+    build the whole buffers' per-element data and take this device's slice.
+
+    Attributes:
+      layout: the layout of the whole buffers.
+      axis_name: the mesh axis the buffers are split over.
+      num_shards: the size of that axis.
+    """
+
+    layout: "FlatLayout"
+    axis_name: Any
+    num_shards: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class FlatLayout:
     """Static description of how a pytree is packed (hashable: part of the treedef).
@@ -66,12 +96,15 @@ class FlatLayout:
       slots: per leaf, its buffer's dtype name, offset and shape.
       dtypes: buffer dtype names, in buffer order.
       sizes: each buffer's length, padding included.
+      shard: for one device's slice of sharded buffers, which (see :class:`FlatShard`;
+        ``slots`` is then empty); None otherwise.
     """
 
     treedef: Any
     slots: tuple[_LeafSlot, ...]
     dtypes: tuple[str, ...]
     sizes: tuple[int, ...]
+    shard: FlatShard | None = None
     # JAX hashes and compares the layout on every jit call (it is pytree metadata);
     # with a thousand slots that costs ~0.2 ms unless the hash is computed once.
     _hash: int = dataclasses.field(init=False, repr=False)
@@ -80,7 +113,7 @@ class FlatLayout:
         object.__setattr__(self, "_hash", hash(self._key()))
 
     def _key(self) -> tuple:
-        return (self.treedef, self.slots, self.dtypes, self.sizes)
+        return (self.treedef, self.slots, self.dtypes, self.sizes, self.shard)
 
     def __hash__(self) -> int:
         return self._hash
@@ -118,6 +151,8 @@ class FlatLayout:
             if a != b:
                 return (f"leaf {path} is {a.dtype}{list(a.shape)} at offset {a.offset} vs "
                         f"{b.dtype}{list(b.shape)} at offset {b.offset}")
+        if self.shard != other.shard:
+            return "one is a device's shard of the buffers, the other is not (or another one)"
         return (f"the buffers differ: {self._buffers_str()} vs {other._buffers_str()} "
                 "(different pad_multiple?)")
 
@@ -131,8 +166,10 @@ class FlatLayout:
         if len(structure) > 80:
             structure = structure[:77] + "..."
         digest = hashlib.sha1(repr(self._key()).encode()).hexdigest()[:8]
+        shard = (f"; 1/{self.shard.num_shards} shard over {self.shard.axis_name!r}"
+                 if self.shard is not None else "")
         return (f"FlatLayout({self._buffers_str()}; {len(self.slots)} leaves; "
-                f"{structure}; id {digest})")
+                f"{structure}{shard}; id {digest})")
 
 
 def _flatten_with_keys(flat: "FlatParams"):
@@ -252,6 +289,10 @@ class FlatParams:
           Array([False, False,  True,  True,  True,  True], dtype=bool)
         """
         layout = like.layout if isinstance(like, FlatParams) else like
+        if layout.shard is not None:  # this device's slice of the whole buffers
+            whole = cls.pack_like(tree, layout.shard.layout, dtype=dtype,
+                                  padding_value=padding_value)
+            return _take_shard(whole, layout)
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if treedef != layout.treedef:
             raise ValueError(
@@ -277,8 +318,14 @@ class FlatParams:
         ``state.mu.unpack()`` shows a flat optimizer's state per parameter.
 
         Raises:
-          ValueError: if a buffer's length does not match the layout.
+          ValueError: if a buffer's length does not match the layout, or this is one
+            device's shard of sharded buffers.
         """
+        if self.layout.shard is not None:
+            raise ValueError(
+                f"FlatParams.unpack: this is one device's 1/{self.layout.shard.num_shards} "
+                f"slice of buffers sharded over {self.layout.shard.axis_name!r} (ZeRO-1); "
+                "it holds no whole arrays. Unpack the whole FlatParams instead.")
         buffers = {}
         for name, size in zip(self.layout.dtypes, self.layout.sizes):
             buffer = self.buffers[name]
@@ -357,6 +404,21 @@ def _plan(leaves: list, pad_multiple: int):
     return tuple(slots), tuple(dtypes), sizes
 
 
+def _take_shard(whole: "FlatParams", layout: FlatLayout) -> "FlatParams":
+    """This device's slice (``layout.shard``) of ``whole``, buffers of the whole layout."""
+    shard = layout.shard
+    index = jax.lax.axis_index(shard.axis_name)
+    buffers = {}
+    for name, size in zip(layout.dtypes, layout.sizes):
+        buffer = whole.buffers[name]
+        if buffer.shape[-1] != size * shard.num_shards:
+            raise ValueError(
+                f"FlatParams: buffer {name!r} has {buffer.shape[-1]} values, not "
+                f"{shard.num_shards} shards of {size}.")
+        buffers[name] = jax.lax.dynamic_slice_in_dim(buffer, index * size, size, axis=-1)
+    return FlatParams(buffers, layout)
+
+
 def _concatenate(leaves: list, layout: FlatLayout, dtype: Any, padding_value: Any) -> dict:
     """One buffer per dtype group of ``layout`` from ``leaves`` (scalars broadcast)."""
     buffers = {}
@@ -407,15 +469,25 @@ def _elementwise_mask(mask: Any, tree: Any) -> Any:
     """Resolves ``mask`` for ``tree``: None for per-leaf Python booleans on a tree
     (optax's own masking applies), else a per-element mask shaped like ``tree``."""
     if isinstance(tree, FlatParams):
-        mask_tree = mask(tree.unpack()) if callable(mask) else mask
+        shard = tree.layout.shard
+        whole = tree.layout if shard is None else shard.layout
+        if not callable(mask):
+            mask_tree = mask
+        elif shard is None:
+            mask_tree = mask(tree.unpack())
+        else:  # a device's shard has no whole arrays: the function sees their shapes
+            mask_tree = mask(whole.treedef.unflatten(
+                [jnp.zeros(slot.shape, slot.dtype) for slot in whole.slots]))
         if isinstance(mask_tree, FlatParams):
-            difference = mask_tree.layout.difference(tree.layout)
+            if shard is not None and mask_tree.layout == tree.layout:
+                return mask_tree
+            difference = mask_tree.layout.difference(whole)
             if difference:
                 raise ValueError(f"masked: the mask's layout differs from the params': "
                                  f"{difference}.")
-            return mask_tree
-        leaves = _broadcast_prefix(mask_tree, tree.layout.treedef)
-        return FlatParams.pack_like(tree.layout.treedef.unflatten(leaves), tree.layout,
+            return mask_tree if shard is None else _take_shard(mask_tree, tree.layout)
+        leaves = _broadcast_prefix(mask_tree, whole.treedef)
+        return FlatParams.pack_like(whole.treedef.unflatten(leaves), tree.layout,
                                     dtype=bool, padding_value=False)
     mask_tree = mask(tree) if callable(mask) else mask
     treedef = jax.tree.structure(tree)
@@ -448,7 +520,9 @@ def masked(
       mask: a tree of booleans with the structure of the params (or an optax-style
         prefix of it), a ``FlatParams`` of per-element booleans, or a function
         returning either. On a ``FlatParams`` the function receives the original
-        tree (``params.unpack()``), so one mask function serves both modes.
+        tree (``params.unpack()``), so one mask function serves both modes; on one
+        device's shard of sharded buffers (ZeRO-1) it receives a tree of zeros shaped
+        like the parameters, so it should select by structure, not by value.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`.
@@ -470,6 +544,8 @@ def masked(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        if isinstance(params, FlatParams) and params.layout.shard is not None:
+            return inner.init(params)  # elementwise; the mask needs the device index
         if _elementwise_mask(mask, params) is None:
             return per_leaf.init(params)
         return inner.init(params)

@@ -43,7 +43,12 @@ the step count). Every jopt optimizer is; ``clip_by_global_norm``,
 over all parameters. :class:`DataParallel` checks this when it builds the state
 (it lets XLA partition ``optimizer.update`` over the devices and looks for the
 collectives a non-elementwise update needs) and raises a clear error instead of
-silently clipping by a per-slice norm.
+silently clipping by a per-slice norm. The optimizer also sees the packed buffers
+where the other strategies pass it the tree: per-element masks
+(``jopt.adamw(mask=...)``, :func:`jopt.flat.masked`) select this device's part of
+the buffers, while optax's per-array masks and labels (``optax.masked``,
+``optax.adamw(mask=...)``) would see two 1-D buffers; one probe update on the tree
+and on the buffers must agree, or :class:`DataParallel` raises.
 
 Gradient compression (``compression="int8"``) replaces the float32 all-reduce by
 block-wise int8 quantization with error feedback (Seide et al. 2014; Karimireddy
@@ -58,9 +63,14 @@ chunk ``j`` of ``Q(v_i)`` is sent to device ``j`` (all-to-all), which decodes an
 averages its chunk, ``m_j = (1/N) sum_i Q(v_i)_j``, quantizes it again with its own
 server residual (``u_j = m_j + s_j``, ``s_j <- u_j - Q(u_j)``) and all-gathers the
 int8 chunks ``Q(u_j)``. Every device decodes the same mean, so the update stays
-replicated. What quantization drops is fed back into the next step, so nothing is
-lost for good: the sum of the applied gradients differs from the sum of the true
-ones by the current residuals only. Bytes sent per device and step drop from
+replicated. What quantization drops is fed back into the next step, so nothing
+finite is lost for good: the sum of the applied gradients differs from the sum of
+the true ones by the current residuals only. Non-finite values are the exception:
+a 256-value block holding an inf or NaN decodes to NaN, so that step's mean is
+non-finite there as an uncompressed one would be (``optax.apply_if_finite`` skips
+it), and residual entries that come out non-finite are set to 0 - that block's
+residuals are dropped rather than fed back, so one bad step does not make every
+later one non-finite. Bytes sent per device and step drop from
 ``2 (N-1)/N * 4 S`` to ``2 (N-1)/N * (1 + 4/256) S`` for ``S`` parameters (about
 0.25x); :func:`communication_bytes` measures them in the compiled program. With
 ZeRO-1 only the reduce-scatter is compressed (the parameters are gathered in full
@@ -99,7 +109,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jopt import storage as storage_lib
-from jopt.flat import FlatParams
+from jopt.flat import FlatParams, FlatShard
 
 __all__ = [
     "AXIS_NAME",
@@ -183,16 +193,30 @@ def check_batch_size(global_batch_size: int, num_devices: int) -> None:
 
 
 def _quantize(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Linear int8 codes per block of 256: ``c = round(127 v / absmax)``."""
+    """Linear int8 codes per block of 256: ``c = round(127 v / absmax)``.
+
+    A block with an inf or NaN gets a non-finite scale, so it decodes to NaN: the
+    exchanged mean stays non-finite, as an uncompressed one would be.
+    """
     blocks = values.reshape(-1, _BLOCK)
     scales = jnp.max(jnp.abs(blocks), axis=1) / 127.0
-    scales = jnp.where(scales > 0, scales, 1.0)
+    scales = jnp.where(scales == 0, 1.0, scales)  # (NaN > 0 is False: keep NaN)
     codes = jnp.round(blocks / scales[:, None]).astype(jnp.int8)
     return codes, scales
 
 
 def _dequantize(codes: jax.Array, scales: jax.Array) -> jax.Array:
     return (codes.astype(jnp.float32) * scales[..., None]).reshape(*codes.shape[:-2], -1)
+
+
+def _finite_residual(value: jax.Array, decoded: jax.Array) -> jax.Array:
+    """``value - decoded``, with 0 where that is not finite.
+
+    A non-finite entry would otherwise be fed back into every later step (error
+    feedback never forgets), making all later exchanged values non-finite.
+    """
+    residual = value - decoded
+    return jnp.where(jnp.isfinite(residual), residual, 0.0)
 
 
 def int8_psum_scatter_mean(
@@ -210,12 +234,13 @@ def int8_psum_scatter_mean(
 
     Returns:
       ``(mean_slice, residual)``: slice ``axis_index`` (``value.size / N`` values) of
-      the approximate mean, and the new residual ``v - Q(v)`` with ``v = value + residual``.
+      the approximate mean, and the new residual ``v - Q(v)`` with ``v = value + residual``
+      (0 where that is not finite; a block of ``v`` with an inf or NaN decodes to NaN).
     """
     num_devices = lax.axis_size(axis_name)
     value = value.astype(jnp.float32) + residual
     codes, scales = _quantize(value)
-    residual = value - _dequantize(codes, scales)
+    residual = _finite_residual(value, _dequantize(codes, scales))
     # Row j of the [N, ...] view is the chunk destined for device j; after the
     # all-to-all, row i holds what device i sent to us.
     codes = lax.all_to_all(codes.reshape(num_devices, -1, _BLOCK), axis_name, 0, 0, tiled=True)
@@ -260,7 +285,7 @@ def int8_pmean(
     shard, worker_residual = int8_psum_scatter_mean(value, worker_residual, axis_name)
     shard = shard + server_residual
     codes, scales = _quantize(shard)
-    server_residual = shard - _dequantize(codes, scales)
+    server_residual = _finite_residual(shard, _dequantize(codes, scales))
     codes = lax.all_gather(codes, axis_name, tiled=True, to="invarying")
     scales = lax.all_gather(scales, axis_name, tiled=True, to="invarying")
     return _dequantize(codes, scales), worker_residual, server_residual
@@ -363,7 +388,11 @@ class DataParallel:
         error feedback).
       axis_name: name of the data-parallel mesh axis.
       donate: donate the state's buffers to each epoch (the old state is consumed).
-      check_optimizer: with ``"zero1"``, check that ``optimizer`` is elementwise.
+      check_optimizer: with ``"zero1"``, check that ``optimizer`` is elementwise and
+        updates the packed buffers as it updates the tree given to :meth:`init`. The
+        second check runs one update of random parameters of the model's sizes on
+        the host CPU, once, at :meth:`init` (a few times the parameters' bytes of
+        host memory); pass False to skip both.
 
     Raises:
       ValueError: unknown strategy or compression; compression without devices to
@@ -520,9 +549,14 @@ class DataParallel:
                                      (mesh_rows, size)), rows)
 
     def _shard_view(self, flat: FlatParams, buffers: dict) -> FlatParams:
-        """One device's slice of ``flat`` as a FlatParams (buffers only: never unpack it)."""
+        """One device's slice of ``flat`` as a FlatParams (buffers only: never unpack it).
+
+        Its layout names the whole layout (:class:`FlatShard`), so per-element masks
+        (``jopt.flat.masked``, ``jopt.adamw(mask=...)``) select this device's part.
+        """
         layout = dataclasses.replace(
-            flat.layout, slots=(), sizes=tuple(s // self.num_devices for s in flat.layout.sizes))
+            flat.layout, slots=(), sizes=tuple(s // self.num_devices for s in flat.layout.sizes),
+            shard=FlatShard(flat.layout, self.axis_name, self.num_devices))
         return FlatParams(buffers, layout)
 
     def _local_slice(self, flat: FlatParams) -> FlatParams:
@@ -541,7 +575,8 @@ class DataParallel:
 
     def _zero1_init(self, flat: FlatParams) -> Any:
         if self.check_optimizer:
-            self._memo("check", flat.layout, lambda: self._check_elementwise(flat))
+            self._memo("check", flat.layout, lambda: (
+                self._check_same_on_buffers(flat), self._check_elementwise(flat)))
 
         def build():
             return jax.jit(jax.shard_map(
@@ -582,6 +617,88 @@ class DataParallel:
                 "(LARS/LAMB), which reduce over all parameters. Use strategy='shard_map' "
                 "(replicated optimizer state) or leave those transformations out; pass "
                 "check_optimizer=False to skip this check.")
+
+    def _check_same_on_buffers(self, flat: FlatParams) -> None:
+        """Raises if ``optimizer`` updates the packed buffers unlike the parameter tree.
+
+        ZeRO-1 hands the optimizer :class:`FlatParams` where the other strategies hand
+        it the tree given to :meth:`init`. A transformation that looks at each array of
+        the tree - optax's per-leaf masks and labels (``optax.masked``,
+        ``optax.adamw(mask=...)``, ``optax.multi_transform``) - then sees 1-D buffers
+        instead, and would silently do something else. One update from a fresh state is
+        compared element by element, with random parameters and gradients in
+        ``{-c, 0, c}``: quantized state holds those exactly, and where a gradient is 0
+        only parameter-dependent terms (weight decay) remain, however small.
+        """
+        if self._flat_input_layout is not None:
+            return  # init got a FlatParams: every strategy optimizes the buffers
+        layout, optimizer = flat.layout, self.optimizer
+
+        def probe_inputs():
+            keys = iter(jax.random.split(jax.random.key(0), 2 * len(layout.dtypes)))
+            params, grads = {}, {}
+            for name, size in zip(layout.dtypes, layout.sizes):
+                p_key, g_key = next(keys), next(keys)
+                if jnp.issubdtype(name, jnp.floating):
+                    used = sum(slot.size for slot in layout.slots if slot.dtype == name)
+                    real = jnp.arange(size) < used  # the padding stays zero, as in training
+                    params[name] = jnp.where(real, jax.random.normal(p_key, (size,)),
+                                             0).astype(name)
+                    grads[name] = jnp.where(real, 0.375 * jax.random.randint(
+                        g_key, (size,), -1, 2), 0).astype(name)
+                else:
+                    params[name] = grads[name] = jnp.zeros((size,), name)
+            return FlatParams(params, layout), FlatParams(grads, layout)
+
+        def update(params, grads):
+            return optimizer.update(grads, optimizer.init(params), params)[0]
+
+        def on_tree():
+            params, grads = probe_inputs()
+            return update(params.unpack(), grads.unpack())
+
+        def on_buffers():
+            params, grads = probe_inputs()
+            return update(params, grads).unpack()
+
+        def problem(what: str) -> ValueError:
+            return ValueError(
+                "strategy='zero1' hands the optimizer the parameters packed into flat 1-D "
+                "buffers (jopt.flat.FlatParams), and this optimizer treats them differently "
+                f"than the parameter tree: {what}. Typically a per-array mask or label "
+                "function (optax.masked, optax.adamw(mask=...), optax.multi_transform) sees "
+                "the buffers instead of the model's arrays. Use jopt.adamw(mask=...) or "
+                "jopt.flat.masked(...), whose masks select per element on the buffers, or "
+                "strategy='shard_map' (the optimizer sees the tree); pass "
+                "check_optimizer=False to skip this check.")
+
+        try:
+            jax.eval_shape(on_tree)
+        except Exception:  # noqa: BLE001 - fails on the tree too: nothing to compare
+            return
+        try:
+            jax.eval_shape(on_buffers)
+        except Exception as e:  # noqa: BLE001
+            raise problem(f"on the buffers it fails ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from e
+
+        def same(a, b):
+            dtype = jnp.promote_types(a.dtype, b.dtype)
+            tol = 1e-3 if not jnp.issubdtype(dtype, jnp.floating) else max(
+                1e-3, 4 * float(jnp.finfo(dtype).eps))  # bfloat16: rounding may differ
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            close = jnp.abs(a - b) <= tol * jnp.maximum(jnp.abs(a), jnp.abs(b))
+            return jnp.all(close | (a == b) | (jnp.isnan(a) & jnp.isnan(b)))
+
+        # On the host: the full-size probe must not take accelerator memory that
+        # ZeRO-1 is there to save.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            same_leaves = jax.jit(lambda: jax.tree.map(same, on_tree(), on_buffers()))()
+        differ = [path for path, ok in zip(layout.paths, jax.tree.leaves(same_leaves))
+                  if not bool(ok)]
+        if differ:
+            raise problem(f"one update of {', '.join(differ[:4])}"
+                          f"{' ...' if len(differ) > 4 else ''} differs")
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -740,6 +857,23 @@ class DataParallel:
         return jax.tree.map(lambda x: _put_global(
             np.asarray(x), sharding, (x.shape[0], global_rows) + x.shape[2:]), batches)
 
+    def _device_batches(self, batches: Any) -> Any:
+        """``batches`` as the epoch function takes them (see :meth:`train_epoch`)."""
+        leaves = jax.tree.leaves(batches)
+        if self.strategy == "pmap":
+            # pmap maps axis 1 of its input over the devices, so a [steps, batch, ...]
+            # jax array must be split like a host array, not passed on as it is.
+            sharding = NamedSharding(self._placement_mesh, P(None, self.axis_name))
+            local_devices = len(self.mesh.local_devices)
+            placed = all(
+                isinstance(x, jax.Array) and x.ndim >= 3 and x.shape[1] == local_devices
+                and x.sharding.is_equivalent_to(sharding, x.ndim) for x in leaves)
+        else:
+            placed = not any(isinstance(x, np.ndarray) for x in leaves)
+            if placed and leaves and self.strategy != "none" and np.ndim(leaves[0]) >= 2:
+                check_batch_size(leaves[0].shape[1], self.num_devices)  # global arrays
+        return batches if placed else self.shard_batches(batches)
+
     # ---------------------------------------------------------------- training
 
     def train_epoch(self, state: TrainState, batches: Any) -> tuple[TrainState, StepMetrics]:
@@ -747,14 +881,19 @@ class DataParallel:
 
         Args:
           state: from :meth:`init` (consumed when ``donate=True``).
-          batches: :meth:`shard_batches` output, or host arrays ``[steps, global
-            batch, ...]`` (placed here, single-process only).
+          batches: :meth:`shard_batches` output, or arrays ``[steps, global batch,
+            ...]`` (host or jax arrays, placed here: single-process only). With
+            ``"pmap"``, jax arrays count as placed only when they are laid out as
+            :meth:`shard_batches` leaves them (``[steps, devices, rows / devices,
+            ...]``, split over the devices on axis 1).
 
         Returns:
           The new state and the per-step :class:`StepMetrics`.
+
+        Raises:
+          ValueError: if the global batch does not split evenly over the devices.
         """
-        if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(batches)):
-            batches = self.shard_batches(batches)
+        batches = self._device_batches(batches)
         params, opt_state, residuals, loss, aux = self._epoch_fn(
             state.params, state.opt_state, state.residuals, batches)
         return TrainState(params, opt_state, residuals), StepMetrics(loss, aux)
@@ -766,8 +905,7 @@ class DataParallel:
 
     def epoch_hlo(self, state: TrainState, batches: Any) -> str:
         """The optimized HLO of the epoch function (for :func:`communication_bytes`)."""
-        if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(batches)):
-            batches = self.shard_batches(batches)
+        batches = self._device_batches(batches)
         return self._epoch_fn.lower(
             state.params, state.opt_state, state.residuals, batches).compile().as_text()
 

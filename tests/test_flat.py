@@ -283,3 +283,27 @@ def test_int8_state_on_flat_buffers_unpacks_per_leaf():
     wrapped = storage.with_state_storage(optax.adam(0.1), "int8")
     wrapped_state = jax.eval_shape(wrapped.init, flat)
     assert isinstance(wrapped_state[0].nu.buffers["float32"], storage.QuantizedArray)
+
+
+def test_which_optax_transformations_are_exact_on_flat_buffers():
+    """Pins the module docstring: elementwise and global-norm transformations give
+    the tree's updates on flat buffers; per-leaf-norm / factored ones do not."""
+    params = {"w": jnp.full((4, 4), 10.0), "b": jnp.full(4, 0.01)}
+    grads = {"w": jnp.ones((4, 4)), "b": jnp.linspace(1.0, 4.0, 4)}
+    flat = FlatParams.pack(params, pad_multiple=8)
+    flat_grads = FlatParams.pack(grads, pad_multiple=8)
+
+    def bias_update_gap(tx):
+        tree_updates, _ = tx.update(grads, tx.init(params), params)
+        flat_updates, _ = tx.update(flat_grads, tx.init(flat), flat)
+        return float(jnp.max(jnp.abs(tree_updates["b"] - flat_updates.unpack()["b"])))
+
+    for tx in (optax.adam(0.1), optax.lion(0.1), optax.clip_by_global_norm(1.0),
+               optax.add_decayed_weights(0.1), jopt.adam(0.1)):
+        assert bias_update_gap(tx) < 1e-6
+    # lamb's trust ratio ||p|| / ||u|| (and adafactor's parameter-RMS scaling) is
+    # taken over the whole buffer, dominated by w: the bias update is about -0.89
+    # (-0.82) on the buffer instead of -0.001 per leaf.
+    assert bias_update_gap(optax.lamb(0.1)) > 0.5
+    assert bias_update_gap(optax.adafactor(0.1)) > 0.5
+    assert "optax.lamb" in jopt.flat.__doc__ and "clip_by_global_norm" in jopt.flat.__doc__

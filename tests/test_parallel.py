@@ -332,3 +332,110 @@ def test_epochs_compile_once(strategy, batches, caplog):
         jax.block_until_ready(metrics)
     compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == []  # the first epoch logs its compilations the same way
+
+
+# ------------------------------------------------------------------ regressions
+
+
+def _linear_loss(params, batch):
+    return jnp.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2), {}
+
+
+def _linear_problem(steps=2, batch=16):
+    rng = np.random.default_rng(0)
+    batches = {"x": rng.normal(size=(steps, batch, 5)).astype(np.float32),
+               "y": rng.normal(size=(steps, batch, 2)).astype(np.float32)}
+    params = {"w": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32), "b": jnp.ones(2)}
+    return params, batches
+
+
+def _run_linear(strategy, optimizer, params, batches, **kwargs):
+    loss_fn = kwargs.pop("loss_fn", _linear_loss)
+    trainer = DataParallel(loss_fn, optimizer, strategy=strategy, **kwargs)
+    state, metrics = trainer.train_epoch(trainer.init(params), batches)
+    return _host(trainer.params(state)), _host(metrics), state
+
+
+def _no_bias(params):
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+@pytest.mark.parametrize("mask", ["tree", "function"])
+def test_zero1_applies_masked_weight_decay(mask):
+    """ZeRO-1 shards resolve jopt masks per element (they used to decay nothing or crash)."""
+    mask = {"w": True, "b": False} if mask == "tree" else _no_bias
+    params, batches = _linear_problem()
+    expected, _, _ = _run_linear("none", jopt.adamw(0.1, weight_decay=0.5, mask=mask),
+                                 params, batches)
+    undecayed, _, _ = _run_linear("none", jopt.adamw(0.1, weight_decay=0.0), params, batches)
+    assert _max_diff(expected, undecayed) > 0.05  # the decay of "w" matters
+    got, _, _ = _run_linear("zero1", jopt.adamw(0.1, weight_decay=0.5, mask=mask),
+                            params, batches)
+    assert _max_diff(got, expected) < 1e-5
+    # jopt.flat.masked around any elementwise transformation, and a flat-mode run
+    # (the mask function always sees the original tree).
+    masked_decay = optax.chain(jopt.scale_by_adam(),
+                               jopt.flat.masked(optax.add_decayed_weights(0.5), mask),
+                               optax.scale(-0.1))
+    got, _, _ = _run_linear("zero1", masked_decay, params, batches)
+    assert _max_diff(got, expected) < 1e-5
+    flat_loss = lambda f, b: _linear_loss(f.unpack(), b)  # noqa: E731
+    flat_params = FlatParams.pack(params)
+    got, _, _ = _run_linear("zero1", jopt.adamw(0.1, weight_decay=0.5, mask=mask),
+                            flat_params, batches, loss_fn=flat_loss)
+    assert _max_diff(got.unpack(), expected) < 1e-5
+
+
+def test_zero1_rejects_optimizers_that_differ_on_packed_buffers():
+    """optax's own masks see two 1-D buffers under ZeRO-1: an error, not lost decay."""
+    params, batches = _linear_problem()
+    for mask in (_no_bias, {"w": True, "b": False}):
+        optimizer = optax.adamw(0.1, weight_decay=0.5, mask=mask)
+        with pytest.raises(ValueError, match=r"packed.*differently.*jopt\.adamw\(mask="):
+            DataParallel(_linear_loss, optimizer, strategy="zero1").init(params)
+        # With replicated state the tree reaches the optimizer: fine.
+        DataParallel(_linear_loss, optimizer, strategy="shard_map").init(params)
+    # Unmasked, optax.adamw is elementwise on the buffers and passes.
+    expected, _, _ = _run_linear("none", optax.adamw(0.1, weight_decay=0.5), params, batches)
+    got, _, _ = _run_linear("zero1", optax.adamw(0.1, weight_decay=0.5), params, batches)
+    assert _max_diff(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("strategy, bad", [("shard_map", np.inf), ("shard_map", np.nan),
+                                           ("zero1", np.inf)])
+def test_int8_compression_recovers_from_a_non_finite_gradient(strategy, bad):
+    """One inf/NaN gradient reaches the optimizer as non-finite (a NaN block used to
+    decode as finite garbage), and no longer poisons the residuals for good."""
+    params, batches = _linear_problem(steps=4)
+    batches["x"][0, 3, 0] = bad  # one bad example in the first step only
+    if strategy == "zero1":  # elementwise: drop the non-finite entries of the update
+        finite = optax.stateless(lambda u, p: jax.tree.map(
+            lambda x: jnp.where(jnp.isfinite(x), x, 0.0), u))
+        optimizer = optax.chain(finite, optax.adam(0.1))
+    else:  # skips the step: a reduction over all parameters
+        optimizer = optax.apply_if_finite(optax.adam(0.1), 10)
+    expected, expected_metrics, _ = _run_linear("none", optimizer, params, batches)
+    got, metrics, state = _run_linear(strategy, optimizer, params, batches,
+                                      compression="int8")
+    assert all(np.isfinite(np.asarray(r)).all() for r in jax.tree.leaves(state.residuals))
+    assert not np.isfinite(metrics.loss[0]) and np.isfinite(metrics.loss[1:]).all()
+    assert _max_diff(got, params) > 0.1  # later steps were applied...
+    np.testing.assert_allclose(metrics.loss[1:], expected_metrics.loss[1:], rtol=0.02)
+    assert _max_diff(got, expected) < 0.02  # ...as without compression, up to int8 rounding
+
+
+def test_pmap_splits_jax_array_batches_like_host_arrays():
+    params, batches = _linear_problem(batch=16)
+    expected, expected_metrics, _ = _run_linear("none", jopt.adam(0.1), params, batches)
+    on_device = jax.tree.map(jnp.asarray, batches)
+    got, metrics, _ = _run_linear("pmap", jopt.adam(0.1), params, on_device)
+    assert _max_diff(got, expected) < 1e-5
+    np.testing.assert_allclose(metrics.loss, expected_metrics.loss, rtol=1e-5)
+    trainer = DataParallel(_linear_loss, jopt.adam(0.1), strategy="pmap")
+    state = trainer.init(params)
+    _, uneven = _linear_problem(batch=3)
+    with pytest.raises(ValueError, match="global batch size 3 does not split evenly"):
+        trainer.train_epoch(state, jax.tree.map(jnp.asarray, uneven))
+    # shard_batches' output is taken as it is (no second split).
+    state, metrics = trainer.train_epoch(state, trainer.shard_batches(batches))
+    np.testing.assert_allclose(metrics.loss, expected_metrics.loss, rtol=1e-5)
