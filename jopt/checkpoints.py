@@ -15,6 +15,9 @@ structure with what the current config would build, and raises
 :class:`CheckpointMismatchError` naming both sides instead of failing deep inside
 orbax (or silently loading parameters into the wrong model). Other keys (learning
 rate, number of epochs, ...) may change between runs: that is how a run is extended.
+A checkpoint that orbax cannot read (damaged on disk) raises
+:class:`CheckpointReadError` naming its step directory: deleting that directory
+resumes from the checkpoint before it.
 
 Example:
   >>> import jax.numpy as jnp, ml_collections, tempfile
@@ -32,6 +35,9 @@ Example:
 
 from __future__ import annotations
 
+import gc
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ import orbax.checkpoint as ocp
 
 __all__ = [
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "describe_state",
     "manager",
     "read_meta",
@@ -56,6 +63,69 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint belongs to another model, optimizer or state layout than the config."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint cannot be read (damaged on disk); the message names it and the fix."""
+
+
+# What a meta record always holds (see save); one without them is damaged.
+_META_KEYS = ("epoch", "identity", "state_structure", "config")
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
+    """``mngr.restore`` of ``items`` from ``step``; a failure is a CheckpointReadError."""
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax/tensorstore raise anything, down to a bare Exception.
+        root = e  # The innermost error says what is wrong (tensorstore wraps it twice).
+        while (inner := root.__cause__ or root.__context__) is not None and str(inner):
+            root = inner
+        error = _unreadable(mngr, step, f"{type(root).__name__}: {root}")
+        del e, root, inner  # Not chained: the traceback holds orbax's abandoned reads.
+    _discard_abandoned_reads()
+    raise error
+
+
+def _discard_abandoned_reads(wait_s: float = 0.2) -> None:
+    """Collects, silently, what orbax leaves behind when one array of a restore fails.
+
+    Orbax closes its event loop with the other arrays' reads still pending: their
+    TensorStore callbacks then fail ("Event loop is closed"), and their coroutines,
+    once garbage collected, raise from an ``except BaseException`` - each printing
+    "Exception ignored in: ..." and pages of TensorStore spec after our message. Let
+    the reads (small local files) finish and collect them with those reports dropped.
+    """
+    def quiet(report: Any) -> None:
+        code = getattr(report.object, "cr_code", None)
+        from_orbax = code is not None and "orbax" in code.co_filename
+        closed_loop = (isinstance(report.exc_value, RuntimeError)
+                       and str(report.exc_value) == "Event loop is closed")
+        if not (from_orbax or closed_loop):
+            previous(report)
+
+    previous, sys.unraisablehook = sys.unraisablehook, quiet
+    try:
+        time.sleep(wait_s)
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, reason: str) -> CheckpointReadError:
+    where = f"{mngr.directory}/{step}"
+    reason = (reason.strip().splitlines() or [""])[0]
+    reason = reason if len(reason) <= 300 else reason[:300] + "..."
+    earlier = [s for s in mngr.all_steps() if s < step]
+    if earlier:
+        fix = (f"If it is damaged (a disk error, a copy cut short), delete {where} to resume "
+               f"from the previous checkpoint, {mngr.directory}/{max(earlier)}, or use a "
+               f"fresh --workdir.")
+    else:
+        fix = (f"If it is damaged (a disk error, a copy cut short) - it is the only "
+               f"checkpoint - delete {where} to train from the start, or use a fresh "
+               f"--workdir.")
+    return CheckpointReadError(f"The checkpoint {where} cannot be read ({reason}). {fix}")
 
 
 def manager(workdir: str | Path, keep: int | None = None, *,
@@ -137,8 +207,10 @@ def read_meta(mngr: ocp.CheckpointManager, epoch: int | None = None) -> dict[str
     epoch = mngr.latest_step() if epoch is None else epoch
     if epoch is None:
         return None
-    restored = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return restored.meta
+    meta = _restore(mngr, epoch, meta=ocp.args.JsonRestore()).meta
+    if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS):
+        raise _unreadable(mngr, epoch, f"its meta record lacks some of {list(_META_KEYS)}")
+    return meta
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like: Any,
@@ -157,6 +229,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any,
     Raises:
       CheckpointMismatchError: the checkpoint belongs to another model, optimizer,
         state storage, parameter layout or data set, or its state has another structure.
+      CheckpointReadError: the checkpoint is damaged (the message names its directory).
     """
     meta = read_meta(mngr)
     if meta is None:
@@ -165,8 +238,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any,
     _check_identity(meta["identity"], run_identity(config), where)
     _check_structure(meta["state_structure"], describe_state(like), where)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = mngr.restore(meta["epoch"], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    restored = _restore(mngr, meta["epoch"], state=ocp.args.StandardRestore(abstract))
     return restored.state, meta
 
 
@@ -175,8 +247,7 @@ def restore_residuals(mngr: ocp.CheckpointManager, epoch: int) -> Any:
     meta = read_meta(mngr, epoch)
     if not meta or not meta.get("residuals"):
         return {}
-    restored = mngr.restore(epoch, args=ocp.args.Composite(
-        residuals=ocp.args.StandardRestore()))
+    restored = _restore(mngr, epoch, residuals=ocp.args.StandardRestore())
     return jax.tree.map(np.asarray, restored.residuals)
 
 

@@ -4,8 +4,9 @@ A thin layer, as in the Flax examples: it loads a config file, applies
 ``--config.<key>=<value>`` overrides, and calls :func:`jopt.train.train_and_evaluate`
 or :func:`jopt.train.evaluate_checkpoint`. Run ``jopt --help`` or ``jopt train
 --help`` for the usage. Errors the user can fix (a bad config key or value, a
-checkpoint of another run in the workdir, missing data) are printed as one message
-with exit status 2, without a traceback.
+checkpoint of another run in the workdir, missing, corrupt or mislabelled data, a
+damaged checkpoint or ``metrics.jsonl``) are printed as one message with exit status
+2, without a traceback.
 
 Config files are Python files with a ``get_config()`` function returning an
 ``ml_collections.ConfigDict`` (see ``configs/``). They are loaded by path with
@@ -63,7 +64,8 @@ config overrides:
     --config.model.hidden_sizes=128,128
     --config.optimizer.state_storage=int8 --config.compute_dtype=bfloat16
   (--config.KEY VALUE works too.) Values are parsed as the key's type (int,
-  float, bool: true/false, str, tuple).
+  float, bool: true/false, str, tuple). None (or null) unsets an optional key
+  (one that is None by default), e.g. --config.optimizer.state_storage=None.
   An unknown key or a value of the wrong type is an error that names the key.
 
 outputs in WORKDIR:
@@ -139,7 +141,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node = child
         if leaf not in node:
             _unknown_key(f"config.{key}", node)
-        value = _parse_value(f"config.{key}", raw, node.get_type(leaf))
+        value = _parse_value(f"config.{key}", raw, node.get_type(leaf), _optional(node, leaf))
         try:
             node[leaf] = value
         except (TypeError, ValueError) as e:
@@ -153,7 +155,23 @@ def _unknown_key(key: str, node: ml_collections.ConfigDict) -> None:
     )
 
 
-def _parse_value(key: str, raw: str, kind: type) -> Any:
+def _optional(node: ml_collections.ConfigDict, leaf: str) -> bool:
+    """Whether ``node.leaf`` may be None: declared ``placeholder(type)``, or None now."""
+    # A placeholder is a FieldReference, and stays one when a config sets it (say
+    # quantization.weights = "int4"); plain values (seed = 0) are not references.
+    field = dict(node.items(preserve_field_references=True))[leaf]
+    return isinstance(field, ml_collections.FieldReference) or node[leaf] is None
+
+
+def _parse_value(key: str, raw: str, kind: type, optional: bool = False) -> Any:
+    if raw.strip().lower() in ("none", "null"):
+        if optional:
+            return None
+        if kind is not str:  # A str key takes "none" literally (e.g. parallel=none).
+            raise ConfigOverrideError(
+                f"{key} cannot be None: it is not optional (only keys declared with "
+                f"placeholder(...) in the config, None by default, can be unset); give a "
+                f"value of type {kind.__name__}.")
     if kind is str:
         return raw
     if kind is bool:
@@ -163,8 +181,6 @@ def _parse_value(key: str, raw: str, kind: type) -> Any:
         if lowered in ("false", "0", "no"):
             return False
         raise ConfigOverrideError(f"{key} is a bool; write true or false, not {raw!r}.")
-    if raw.strip().lower() in ("none", "null"):
-        return None
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -258,8 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here, not at the top: they import jax, and --help should be instant.
     from jopt import checkpoints, data, distributed, train
 
+    # Damaged files (a corrupt checkpoint, data file or metrics.jsonl) are user errors
+    # too: the message names the file and what to do about it.
     user_errors = (ConfigFileError, ConfigOverrideError, train.ConfigError, checkpoints.CheckpointMismatchError,
-                   data.DatasetNotFoundError, FileNotFoundError,
+                   checkpoints.CheckpointReadError, train.WorkdirError,
+                   data.DatasetNotFoundError, data.DatasetFileError, FileNotFoundError,
                    distributed.DistributedConfigError)
     try:
         if args.command == "train":

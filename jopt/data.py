@@ -12,8 +12,14 @@ Where `load` looks, in order (see `search_dirs`):
 4. `/usr/share/datasets/<dirname>` (Debian's `dataset-fashion-mnist` installs there).
 
 `<dirname>` is `mnist` or `fashion-mnist`. A directory counts only if it holds all four
-files, so two data sets never get mixed. Downloads go to `download_dir`: `data_dir` if
-given, else `$JOPT_DATA_DIR/<dirname>` if set, else `~/.cache/jopt/<dirname>`.
+files, so two data sets never get mixed. MNIST and Fashion-MNIST use the same file
+names, so files are also identified by content: every file read is hashed, and one
+whose SHA-256 (of the file, or of its decompressed content) is that of another known
+data set's file is an error naming it. Files directly in `$JOPT_DATA_DIR` (no
+`<dirname>` to say which data set they are) are used only when their SHA-256s identify
+them as the requested data set; otherwise that directory is skipped. Downloads go to
+`download_dir`: `data_dir` if given, else `$JOPT_DATA_DIR/<dirname>` if set, else
+`~/.cache/jopt/<dirname>`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "DATASETS",
     "SYSTEM_DATA_DIRS",
     "Dataset",
+    "DatasetFileError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "download_dir",
@@ -87,6 +94,9 @@ class DatasetSpec:
       system_package: Debian package that installs the files, if any.
       pixel_mean, pixel_std: mean and standard deviation of the training images'
         pixels scaled to [0, 1], for input standardisation.
+      raw_sha256: SHA-256 hex digest of each file's uncompressed content, keyed by the
+        `.gz` file name (may be empty). With `sha256` it identifies files on disk
+        whatever their compression.
     """
 
     name: str
@@ -103,14 +113,19 @@ class DatasetSpec:
     system_package: str | None = None
     pixel_mean: float = 0.5
     pixel_std: float = 0.5
+    raw_sha256: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
 
 # SHA-256 of the original `.gz` files, as pinned in TensorFlow Datasets'
 # `url_checksums/mnist.txt` and `url_checksums/fashion_mnist.txt`, and by many other
 # loaders for the same mirrors. Debian re-gzips Fashion-MNIST without the file name in
-# the gzip header, so its `.gz` hashes differ (which is why files found on disk are not
-# hash-checked), but its decompressed files have the SHA-256s published for the original
-# uncompressed Fashion-MNIST files: the data are identical.
+# the gzip header, so its `.gz` hashes differ, but its decompressed files have the
+# SHA-256s published for the original uncompressed Fashion-MNIST files: the data are
+# identical. Those uncompressed hashes (`raw_sha256`, computed from Debian's files)
+# identify Fashion-MNIST on disk whatever its compression. MNIST's uncompressed hashes
+# are not pinned: its original `.gz` files are recognised, its unpacked ones only as
+# "not Fashion-MNIST" (enough in a directory named for it, see `load`).
 _MNIST = DatasetSpec(
     name="mnist",
     dirname="mnist",
@@ -143,6 +158,14 @@ _FASHION_MNIST = DatasetSpec(
             "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
             "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
             "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        }
+    ),
+    raw_sha256=types.MappingProxyType(
+        {
+            "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         }
     ),
     system_package="dataset-fashion-mnist",
@@ -189,6 +212,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set is neither on disk nor downloadable; the message says where we looked."""
 
 
+class DatasetFileError(ValueError):
+    """A data file found on disk is corrupt, or is another data set's; the message names it."""
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Reads an IDX file, gzip-compressed or raw.
 
@@ -201,17 +228,24 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
       A writable array in native byte order, with the dtype and shape the header gives.
 
     Raises:
-      ValueError: the file is not a complete, well-formed IDX file (bad gzip stream,
-        wrong magic number, unknown type code, or a size that disagrees with the header).
+      DatasetFileError: (a `ValueError`) the file is not a complete, well-formed IDX
+        file (bad gzip stream, wrong magic number, unknown type code, or a size that
+        disagrees with the header).
       OSError: the file cannot be opened.
     """
-    path = Path(path)
+    return _read_idx(Path(path))[0]
+
+
+def _read_idx(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """`read_idx`, and the SHA-256s of the file and (if compressed) of its content."""
     raw = path.read_bytes()
+    digests = [hashlib.sha256(raw).hexdigest()]
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise _corrupt(path, f"its gzip stream is broken ({e})") from e
+        digests.append(hashlib.sha256(raw).hexdigest())
 
     if len(raw) < 4:
         raise _corrupt(path, f"it has only {len(raw)} bytes, fewer than an IDX header")
@@ -233,11 +267,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
     # astype copies: the result is writable and no longer pins the decompressed buffer.
-    return data.astype(dtype.newbyteorder("="))
+    return data.astype(dtype.newbyteorder("=")), tuple(digests)
 
 
-def _corrupt(path: Path, reason: str) -> ValueError:
-    return ValueError(
+def _corrupt(path: Path, reason: str) -> DatasetFileError:
+    return DatasetFileError(
         f"{path} is not a valid IDX file: {reason}. It is probably truncated or corrupt; "
         "delete it so that it is downloaded again (or reinstall the package that "
         "provided it)."
@@ -256,7 +290,9 @@ def search_dirs(
       data_dir: an explicit directory holding the data set's files, searched first.
 
     Returns:
-      Candidate directories; they need not exist.
+      Candidate directories; they need not exist. `$JOPT_DATA_DIR` itself is among
+      them, but `load` uses the files there only if their SHA-256s identify them as
+      this data set's.
 
     Raises:
       ValueError: `name` is not a known data set.
@@ -307,9 +343,14 @@ def load(
     """Loads a data set from disk, downloading it first if no search directory has it.
 
     Files found on disk are checked structurally (IDX header against file size, labels
-    against images), not by hash: Debian re-compresses its copy and users may have
-    unpacked theirs, so the `.gz` hashes would reject good data. Downloaded files are
-    verified against `DatasetSpec.sha256` before they are moved into place.
+    against images) and identified by hash: a file whose SHA-256 (of the file or of its
+    decompressed content) is another known data set's file is an error, as MNIST and
+    Fashion-MNIST share file names. Unrecognised hashes are accepted in `data_dir` and
+    the `<dirname>` directories (Debian re-compresses its copy and users may have
+    unpacked theirs), but not directly in `$JOPT_DATA_DIR`, which could hold any data
+    set: files there are used only if their hashes are this data set's
+    (`DatasetSpec.sha256` or `raw_sha256`). Downloaded files are verified against
+    `DatasetSpec.sha256` before they are moved into place.
 
     Args:
       name: `"mnist"`, `"fashion_mnist"` (or `"fashion-mnist"`), or a `DatasetSpec`.
@@ -324,23 +365,44 @@ def load(
     Raises:
       DatasetNotFoundError: the files are not on disk and could not be downloaded; the
         message lists every directory searched and every download error.
-      ValueError: `name` is unknown, or a file found is corrupt (the message names it).
+      DatasetFileError: (a `ValueError`) a file found is corrupt, or is another data
+        set's file (the message names it, what it is, and the fix).
+      ValueError: `name` is unknown.
     """
     spec = _spec(name)
     dirs = search_dirs(spec, data_dir)
+    env = os.environ.get(_ENV_VAR)
+    # Files directly in $JOPT_DATA_DIR could be any data set's: they must prove it.
+    flat_root = Path(env).expanduser() if env else None
+    if data_dir is not None and flat_root == Path(data_dir).expanduser():
+        flat_root = None  # Named explicitly as this data set's directory.
+    skipped: list[str] = []
     for directory in dirs:
         paths = _find_files(spec, directory)
-        if paths is not None:
-            _logger.debug("Loading %s from %s", spec.name, directory)
-            return _read_dataset(spec, paths)
+        if paths is None:
+            continue
+        if directory == flat_root:
+            arrays, unverified = _read_files(spec, paths, flat_root=flat_root)
+            if unverified:
+                note = (f"{directory}: skipped, as files directly in ${_ENV_VAR} are used only "
+                        f"if their SHA-256s identify them as {spec.name}'s, and "
+                        f"{', '.join(p.name for p in unverified)} match no known hash")
+                _logger.warning("%s", note)
+                skipped.append(note)
+                continue
+        else:
+            arrays, _ = _read_files(spec, paths)
+        _logger.debug("Loading %s from %s", spec.name, directory)
+        return _make_dataset(spec, paths, arrays)
 
     errors: list[str] = []
     target = download_dir(spec, data_dir)
     if download:
         paths = _download_files(spec, target, timeout, errors)
         if paths is not None:
-            return _read_dataset(spec, paths)
-    raise DatasetNotFoundError(_not_found_message(spec, dirs, target, download, errors))
+            return _make_dataset(spec, paths, _read_files(spec, paths)[0])
+    raise DatasetNotFoundError(
+        _not_found_message(spec, dirs, target, download, errors, skipped))
 
 
 def subset(dataset: Dataset, *, train: int | None = None, test: int | None = None) -> Dataset:
@@ -408,8 +470,67 @@ def _find_files(spec: DatasetSpec, directory: Path) -> list[Path] | None:
     return paths
 
 
-def _read_dataset(spec: DatasetSpec, paths: Sequence[Path]) -> Dataset:
-    train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
+def _read_files(
+    spec: DatasetSpec, paths: Sequence[Path], *, flat_root: Path | None = None
+) -> tuple[list[np.ndarray], list[Path]]:
+    """The arrays of `spec`'s files at `paths`, and the paths whose hashes are unknown.
+
+    Raises DatasetFileError for a corrupt file, or one that is another known file.
+    """
+    arrays, unverified = [], []
+    for path, filename in zip(paths, spec.files, strict=True):
+        array, digests = _read_idx(path)
+        if _digests_of(spec, filename) & set(digests):
+            pass  # Verified: it is this data set's file.
+        elif (known := _identify(digests)) is not None:
+            raise DatasetFileError(_mismatch_message(spec, filename, path, *known, flat_root))
+        else:
+            unverified.append(path)
+        arrays.append(array)
+    return arrays, unverified
+
+
+def _digests_of(spec: DatasetSpec, filename: str) -> set[str]:
+    """The known SHA-256s of `spec`'s file `filename`: of the `.gz` and of its content."""
+    return {d.lower() for d in (spec.sha256.get(filename), spec.raw_sha256.get(filename)) if d}
+
+
+def _identify(digests: Sequence[str]) -> tuple[DatasetSpec, str] | None:
+    """The known data set and file name with one of these SHA-256s, if any."""
+    for spec in DATASETS.values():
+        for filename in spec.files:
+            if _digests_of(spec, filename) & set(digests):
+                return spec, filename
+    return None
+
+
+def _mismatch_message(
+    spec: DatasetSpec, filename: str, path: Path, other: DatasetSpec, other_file: str,
+    flat_root: Path | None,
+) -> str:
+    what = f"{other.name}'s {other_file}"
+    if other.name == spec.name:
+        return (f"{path} is {what} (identified by its SHA-256), not its {filename}: the "
+                f"files are mixed up. Give each file its own name in {path.parent}.")
+    dirnames = ", ".join(f"{s.dirname}/" for s in DATASETS.values())
+    message = (f"{path} is {what} (identified by its SHA-256), not {spec.name}'s "
+               f"{filename}: the two data sets use the same file names. ")
+    if flat_root is not None:
+        return message + (
+            f"${_ENV_VAR}={flat_root} holds {other.name}'s files directly, and "
+            f"{flat_root / spec.dirname} does not hold {spec.name}'s. Set {_ENV_VAR} to a "
+            f"directory with one subdirectory per data set ({dirnames}), or unset it "
+            f"(~/.cache/jopt/<name> and /usr/share/datasets/<name> are searched too).")
+    return message + (
+        f"{path.parent} is searched for {spec.name}: move {other.name}'s files out of it "
+        f"(to a directory named {other.dirname}/) and put {spec.name}'s there, or delete "
+        f"them so that {spec.name} is downloaded again.")
+
+
+def _make_dataset(
+    spec: DatasetSpec, paths: Sequence[Path], arrays: Sequence[np.ndarray]
+) -> Dataset:
+    train_images, train_labels, test_images, test_labels = arrays
     _check_split(paths[0], paths[1], train_images, train_labels, spec.num_classes)
     _check_split(paths[2], paths[3], test_images, test_labels, spec.num_classes)
     return Dataset(
@@ -429,22 +550,22 @@ def _check_split(
     # images); catch that here rather than as a shape error deep in training.
     fix = "Check that the files are the data set's original IDX files."
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(
+        raise DatasetFileError(
             f"{images_path} holds {images.dtype} data of shape {images.shape}, not uint8 "
             f"images [n, height, width]. {fix}"
         )
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(
+        raise DatasetFileError(
             f"{labels_path} holds {labels.dtype} data of shape {labels.shape}, not integer "
             f"labels [n]. {fix}"
         )
     if len(images) != len(labels):
-        raise ValueError(
+        raise DatasetFileError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} "
             f"labels. {fix}"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{labels_path} has labels outside [0, {num_classes}). {fix}")
+        raise DatasetFileError(f"{labels_path} has labels outside [0, {num_classes}). {fix}")
 
 
 def _download_files(
@@ -520,7 +641,8 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
 
 
 def _not_found_message(
-    spec: DatasetSpec, dirs: Sequence[Path], target: Path, download: bool, errors: Sequence[str]
+    spec: DatasetSpec, dirs: Sequence[Path], target: Path, download: bool,
+    errors: Sequence[str], skipped: Sequence[str] = (),
 ) -> str:
     files = ", ".join(spec.files)
     lines = [
@@ -528,6 +650,7 @@ def _not_found_message(
         "(gzip-compressed or not).",
         "Searched:",
         *(f"  {d}" for d in dirs),
+        *(f"  ({note})" for note in skipped),
     ]
     if not download:
         lines.append("Download was not attempted (download=False).")
@@ -535,8 +658,9 @@ def _not_found_message(
         lines += [f"Download into {target} failed:", *(f"  {e}" for e in errors)]
     lines += [
         "To fix it, do one of:",
-        f"  - put the files in one of the directories above, e.g. set {_ENV_VAR} to a "
-        f"directory holding them (directly or under {spec.dirname}/), or pass data_dir=;",
+        f"  - put the files in one of the directories above, e.g. in ${_ENV_VAR}/{spec.dirname}/ "
+        f"(files directly in ${_ENV_VAR} are used only if their SHA-256s identify them as "
+        f"{spec.name}'s), or pass data_dir=;",
     ]
     if spec.system_package:
         lines.append(f"  - install them system-wide: apt-get install {spec.system_package};")

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
+import math
 import os
 import sys
 import time
@@ -66,6 +68,7 @@ __all__ = [
     "EvalData",
     "TrainResult",
     "TrainState",
+    "WorkdirError",
     "build_epoch_fn",
     "build_eval_fn",
     "create_model",
@@ -108,6 +111,8 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARALLEL_MODES = ("none", "pmap", "shard_map", "zero1")  # see jopt.parallel
 PRUNING_SCHEDULES = ("none", "one_shot", "constant", "polynomial")
 
+_logger = logging.getLogger(__name__)
+
 # Keys of config.optimizer that are not optimizer keyword arguments.
 _OPTIMIZER_META_KEYS = ("name", "learning_rate", "schedule", "clip_global_norm", "state_storage")
 
@@ -118,6 +123,10 @@ LossFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key (``config.a.b``) and the fix."""
+
+
+class WorkdirError(ValueError):
+    """A file in the workdir is damaged; the message names it and the fix."""
 
 
 class TrainState(NamedTuple):
@@ -182,9 +191,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("train_subset", "test_subset"):
         if config[key] is not None and config[key] < 1:
             raise ConfigError(f"config.{key} must be None (all) or >= 1, got {config[key]}.")
-    if any(size < 1 for size in config.model.hidden_sizes):
-        raise ConfigError(f"config.model.hidden_sizes must be positive, got "
-                          f"{tuple(config.model.hidden_sizes)}.")
+    _check_layer_sizes(config)
+    # steps_per_epoch=1 stands for the real count, known once the data is loaded: the
+    # checks that depend on it (schedule and pruning epochs) are made in epochs.
     create_optimizer(config, steps_per_epoch=1)  # checks every optimizer and pruning key
     _check_quantization(config)
 
@@ -214,6 +223,19 @@ def _check_data_parallel(config: ml_collections.ConfigDict) -> None:
             "each device updates its own slice. Use config.parallel='shard_map'.")
 
 
+def _check_layer_sizes(config: ml_collections.ConfigDict) -> None:
+    keys = ("hidden_sizes", "conv_features") if config.model.name == "cnn" else ("hidden_sizes",)
+    for key in keys:
+        sizes = config.model.get(key)
+        if not isinstance(sizes, (tuple, list)) or not all(
+                isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 1
+                for size in sizes):
+            raise ConfigError(
+                f"config.model.{key} must be positive integers (layer widths), got "
+                f"{tuple(sizes) if isinstance(sizes, (tuple, list)) else sizes!r}; "
+                f"e.g. --config.model.{key}=128,64.")
+
+
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(choices)}.")
@@ -228,6 +250,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = 10) -> nn
     _check_choice("config.compute_dtype", config.compute_dtype, sorted(COMPUTE_DTYPES))
     # float32 leaves dtype=None: Flax then computes in the parameters' dtype.
     dtype = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
+    _check_layer_sizes(config)
     hidden = tuple(int(size) for size in config.model.hidden_sizes)
     options = _check_quantization(config)
     # Inputs are standardised with the training set's pixel statistics (see MLP).
@@ -272,17 +295,26 @@ def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     schedule = opt.schedule
     _check_choice("config.optimizer.schedule.name", schedule.name, SCHEDULES)
     lr = opt.learning_rate
+    # None (or a negative value: gradient ascent) would train without a word.
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < math.inf):
+        raise ConfigError(
+            f"config.optimizer.learning_rate must be a number >= 0 (the peak value when a "
+            f"schedule is used), got {lr!r}.")
     total_steps = max(1, config.num_epochs * steps_per_epoch)
     if schedule.name == "constant":
         return lr
     if schedule.name in ("cosine", "warmup_cosine"):
         warmup = 0.0 if schedule.name == "cosine" else schedule.warmup_epochs
-        warmup_steps = int(round(warmup * steps_per_epoch))
-        if not 0 <= warmup_steps < total_steps:
+        # Judged in epochs, not in rounded steps: validate_config and load_checkpoint
+        # build the optimizer with steps_per_epoch=1, where 0.6 epochs round to 1.
+        if not (isinstance(warmup, (int, float)) and not isinstance(warmup, bool)
+                and (warmup == 0 or 0 < warmup < config.num_epochs)):
             raise ConfigError(
                 f"config.optimizer.schedule.warmup_epochs={warmup} must be >= 0 and "
                 f"shorter than config.num_epochs={config.num_epochs}."
             )
+        # At least one step after the warmup, however few steps an epoch has.
+        warmup_steps = min(int(round(warmup * steps_per_epoch)), total_steps - 1)
         return schedules.warmup_cosine_decay_schedule(
             init_value=schedule.init_value if warmup_steps else lr,
             peak_value=lr,
@@ -648,10 +680,40 @@ def write_metrics(path: Path, history: Sequence[dict[str, float]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The records of a ``metrics.jsonl`` (empty if there is none)."""
+    """The records of a ``metrics.jsonl`` (empty if there is none).
+
+    A last line that is not a JSON record is what a run killed while appending one
+    leaves behind: it is dropped with a warning. That loses nothing, since the
+    checkpoints, not this file, say where a run resumes, and resuming rewrites the
+    file from the records the checkpoint covers (the cut epoch is trained again).
+
+    Raises:
+      WorkdirError: a line before the last is not a JSON record (the message names
+        the file, the line and the fix).
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # errors="replace": stray bytes make that line invalid JSON, reported below.
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise ValueError("not a record with an epoch")
+        except ValueError as e:
+            if index == len(numbered) - 1:
+                _logger.warning(
+                    "Ignoring the last line of %s, cut short (%s): a run stopped while "
+                    "writing it. The checkpoint says where training resumes.", path, e)
+                break
+            raise WorkdirError(
+                f"{path} is damaged: line {number} is not a metrics record ({e}). Delete "
+                f"that line, or the file (it only holds the per-epoch history; the "
+                f"checkpoints say where training resumes), and run again.") from None
+        records.append(record)
+    return records
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
@@ -731,7 +793,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ConfigError: an invalid config value (raised before any training).
       jopt.checkpoints.CheckpointMismatchError: ``workdir`` holds a checkpoint of
         another model, optimizer or state storage.
+      jopt.checkpoints.CheckpointReadError: its latest checkpoint is damaged.
+      WorkdirError: ``workdir/metrics.jsonl`` is damaged before its last line.
       jopt.data.DatasetNotFoundError: the data set is not available.
+      jopt.data.DatasetFileError: a data file is corrupt or another data set's.
 
     Example::
 
@@ -829,6 +894,7 @@ def load_checkpoint(workdir: str | os.PathLike) -> Checkpoint:
 
     Raises:
       FileNotFoundError: ``workdir`` holds no checkpoint.
+      jopt.checkpoints.CheckpointReadError: the last checkpoint is damaged.
     """
     directory = Path(workdir) / checkpoints.CHECKPOINT_DIR
     missing = FileNotFoundError(f"No checkpoint in {directory}; train first with "

@@ -123,3 +123,122 @@ def test_unknown_arguments_and_missing_files(tmp_path, capsys):
     bad.write_text("x = 1\n")
     assert cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path)]) == 2
     assert "must define get_config()" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--config.optimizer.learning_rate=None", "config.optimizer.learning_rate"),
+        ("--config.seed=None", "config.seed"),
+        ("--config.batch_size=null", "config.batch_size"),
+        ("--config.model.hidden_sizes=None", "config.model.hidden_sizes"),
+        ("--config.flat_params=None", "config.flat_params"),
+    ],
+)
+def test_none_for_a_key_that_is_not_optional_is_an_error(tmp_path, capsys, override, key):
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path), override]
+    assert cli.main(argv) == 2
+    assert f"{key} cannot be None: it is not optional" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_none_unsets_optional_keys_even_str_ones():
+    qat = pathlib.Path(DEFAULT_CONFIG).with_name("fashion_mnist_qat_int4.py")
+    assert cli.load_config(qat).quantization.weights == "int4"
+    config = cli.load_config(qat, [
+        "--config.quantization.weights=None", "--config.optimizer.state_storage=int8",
+        "--config.optimizer.state_storage=none", "--config.data_dir=/tmp/d",
+        "--config.data_dir=null", "--config.optimizer.amsgrad=None",
+        "--config.train_subset=None",
+    ])
+    assert config.quantization.weights is None
+    assert config.optimizer.state_storage is None
+    assert config.data_dir is None
+    assert config.optimizer.amsgrad is None
+    assert config.train_subset is None
+    # A key that is a str and not optional takes "none" as the string it is.
+    assert cli.load_config(DEFAULT_CONFIG, ["--config.parallel=none"]).parallel == "none"
+
+
+def test_fractional_layer_sizes_are_an_error(tmp_path, capsys):
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path),
+            "--config.model.hidden_sizes=1.5,2.9"]
+    assert cli.main(argv) == 2
+    assert ("config.model.hidden_sizes must be positive integers (layer widths), got "
+            "(1.5, 2.9)") in capsys.readouterr().err
+
+
+def test_fashion_mnist_in_jopt_data_dir_is_not_used_for_mnist(tmp_path, capsys, monkeypatch):
+    # configs/default.py trains MNIST; the files directly in $JOPT_DATA_DIR are
+    # Fashion-MNIST's (same names): an error naming the file, not a silent run.
+    fashion = pathlib.Path("/usr/share/datasets/fashion-mnist")
+    if not fashion.is_dir():
+        pytest.skip(f"{fashion} is missing")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("JOPT_DATA_DIR", str(fashion))
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path / "w"),
+            "--config.num_epochs=1", "--config.train_subset=1000", "--config.test_subset=500"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (f"jopt train: error: {fashion}/train-images-idx3-ubyte.gz is fashion_mnist's "
+            "train-images-idx3-ubyte.gz (identified by its SHA-256), not mnist's") in err
+    assert "Set JOPT_DATA_DIR to a directory with one subdirectory per data set" in err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_corrupt_data_file_is_an_error_naming_it(tmp_path, capsys):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (directory / name).write_bytes(b"\0\0\x08\x01" + (100).to_bytes(4, "big") + b"\0" * 10)
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path / "w"),
+            f"--config.data_dir={directory}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (f"jopt train: error: {directory}/train-images-idx3-ubyte is not a valid IDX file: "
+            "its header promises 108 bytes for shape (100,) but it has 18") in err
+    assert "delete it so that it is downloaded again" in err
+
+
+def _copy_run(trained, tmp_path):
+    import shutil
+
+    status, workdir = trained
+    assert status == 0
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def test_damaged_checkpoint_is_an_error_naming_it(trained, tmp_path, capsys):
+    workdir = _copy_run(trained, tmp_path)
+    step = workdir / "checkpoints" / "1"
+    for path in (step / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the array data
+            path.write_bytes(b"\0" * path.stat().st_size)
+    for argv in (["eval", "--workdir", str(workdir)],
+                 ["train", "--config", DEFAULT_CONFIG, "--workdir", str(workdir), *SMALL]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: The checkpoint {step} cannot be read (ValueError: " in err
+        assert (f"If it is damaged (a disk error, a copy cut short) - it is the only "
+                f"checkpoint - delete {step} to train from the start, or use a fresh "
+                "--workdir.") in err
+
+
+def test_truncated_metrics_line_is_dropped_and_a_damaged_one_named(trained, tmp_path, capsys,
+                                                                   caplog):
+    workdir = _copy_run(trained, tmp_path)
+    metrics = workdir / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"epoch": 2, "step": 3')  # a run killed mid-write
+    argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(workdir), *SMALL]
+    assert cli.main(argv) == 0
+    assert f"Ignoring the last line of {metrics}, cut short" in caplog.text
+    assert metrics.read_text() == good  # rewritten from the records the checkpoint covers
+
+    metrics.write_text('{"epoch": 1, "st\n' + good)
+    assert cli.main(argv) == 2
+    assert (f"jopt train: error: {metrics} is damaged: line 1 is not a metrics record "
+            "(Unterminated string") in capsys.readouterr().err

@@ -271,17 +271,69 @@ def test_search_dirs_order(tmp_path: Path, env: Env, monkeypatch: pytest.MonkeyP
 def test_load_takes_the_first_directory_in_search_order(
     tmp_path: Path, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_dataset(env.system / "mnist", label=4)
-    assert set(data.load("mnist", download=False).train_labels) == {4}
+    spec = fake_spec()  # Pins the SHA-256s of the files with label=None.
+    write_dataset(env.system / "fake", label=4)
+    assert set(data.load(spec, download=False).train_labels) == {4}
+    write_dataset(env.cache / "fake", label=3)
+    assert set(data.load(spec, download=False).train_labels) == {3}
+    monkeypatch.setenv("JOPT_DATA_DIR", str(tmp_path / "env"))
+    # Flat layout, the files directly in it: used as their hashes are the spec's.
+    write_dataset(tmp_path / "env")
+    assert set(data.load(spec, download=False).train_labels) == set(range(10))
+    write_dataset(tmp_path / "env" / "fake", label=1)
+    assert set(data.load(spec, download=False).train_labels) == {1}
+    explicit = write_dataset(tmp_path / "explicit", label=0)
+    assert set(data.load(spec, data_dir=explicit, download=False).train_labels) == {0}
+
+
+def test_flat_jopt_data_dir_is_used_only_for_files_identified_by_hash(
+    tmp_path: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files directly in $JOPT_DATA_DIR could be any data set's: unknown hashes are
+    # skipped (with the reason in the error), while a named directory takes them.
+    monkeypatch.setenv("JOPT_DATA_DIR", str(tmp_path / "env"))
+    write_dataset(tmp_path / "env", label=2)
+    with pytest.raises(data.DatasetNotFoundError) as excinfo:
+        data.load("mnist", download=False)
+    message = str(excinfo.value)
+    assert (f"  ({tmp_path / 'env'}: skipped, as files directly in $JOPT_DATA_DIR are used "
+            "only if their SHA-256s identify them as mnist's, and train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
+            "match no known hash)\n") in message
+    assert f"e.g. in $JOPT_DATA_DIR/mnist/" in message
     write_dataset(env.cache / "mnist", label=3)
     assert set(data.load("mnist", download=False).train_labels) == {3}
-    monkeypatch.setenv("JOPT_DATA_DIR", str(tmp_path / "env"))
-    write_dataset(tmp_path / "env", label=2)  # Flat layout: the files directly in it.
-    assert set(data.load("mnist", download=False).train_labels) == {2}
-    write_dataset(tmp_path / "env" / "mnist", label=1)
-    assert set(data.load("mnist", download=False).train_labels) == {1}
-    explicit = write_dataset(tmp_path / "explicit", label=0)
-    assert set(data.load("mnist", data_dir=explicit, download=False).train_labels) == {0}
+
+
+@pytest.mark.skipif(not _DEBIAN_FASHION.is_dir(), reason=f"{_DEBIAN_FASHION} is missing")
+def test_fashion_mnist_is_never_taken_for_mnist(
+    tmp_path: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both data sets use the same file names. Debian re-gzips Fashion-MNIST, so these
+    # are recognised by the SHA-256s of their decompressed content.
+    monkeypatch.setenv("JOPT_DATA_DIR", str(_DEBIAN_FASHION))
+    with pytest.raises(data.DatasetFileError) as excinfo:
+        data.load("mnist", download=False)
+    path = _DEBIAN_FASHION / "train-images-idx3-ubyte.gz"
+    assert str(excinfo.value) == (
+        f"{path} is fashion_mnist's train-images-idx3-ubyte.gz (identified by its SHA-256), "
+        "not mnist's train-images-idx3-ubyte.gz: the two data sets use the same file names. "
+        f"$JOPT_DATA_DIR={_DEBIAN_FASHION} holds fashion_mnist's files directly, and "
+        f"{_DEBIAN_FASHION / 'mnist'} does not hold mnist's. Set JOPT_DATA_DIR to a directory "
+        "with one subdirectory per data set (mnist/, fashion-mnist/), or unset it "
+        "(~/.cache/jopt/<name> and /usr/share/datasets/<name> are searched too)."
+    )
+    # The same files are Fashion-MNIST's own: verified, so the flat layout is used.
+    assert data.load("fashion_mnist", download=False).name == "fashion_mnist"
+
+    # In a directory named for MNIST (a symlink here) they are an error too.
+    monkeypatch.delenv("JOPT_DATA_DIR")
+    env.cache.mkdir(parents=True)
+    (env.cache / "mnist").symlink_to(_DEBIAN_FASHION)
+    with pytest.raises(data.DatasetFileError, match=(
+            r"mnist/train-images-idx3-ubyte.gz is fashion_mnist's train-images-idx3-ubyte.gz "
+            r".* is searched for mnist: move fashion_mnist's files out of it")):
+        data.load("mnist", download=False)
 
 
 def test_directory_missing_a_file_is_skipped(env: Env) -> None:

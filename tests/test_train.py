@@ -146,6 +146,22 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path, fashion):
         ({"compute_dtype": "float16"}, "config.compute_dtype='float16'"),
         ({"batch_size": 0}, "config.batch_size must be >= 1"),
         ({"scan_unroll": -1}, "config.scan_unroll must be >= 0"),
+        ({"optimizer.learning_rate": None},
+         "config.optimizer.learning_rate must be a number >= 0 (the peak value when a "
+         "schedule is used), got None."),
+        ({"optimizer.learning_rate": -1e-3}, "config.optimizer.learning_rate must be a number"),
+        ({"model.hidden_sizes": (1.5, 2.9)},
+         "config.model.hidden_sizes must be positive integers (layer widths), got (1.5, 2.9)"),
+        ({"model.hidden_sizes": (64, 0)}, "config.model.hidden_sizes must be positive integers"),
+        ({"model.name": "cnn", "model.conv_features": (8.5,)},
+         "config.model.conv_features must be positive integers"),
+        ({"num_epochs": 1, "optimizer.schedule.name": "warmup_cosine",
+          "optimizer.schedule.warmup_epochs": 1.0},
+         "config.optimizer.schedule.warmup_epochs=1.0 must be >= 0 and shorter than "
+         "config.num_epochs=1."),
+        ({"num_epochs": 2, "optimizer.schedule.name": "warmup_cosine",
+          "optimizer.schedule.warmup_epochs": -0.5},
+         "config.optimizer.schedule.warmup_epochs=-0.5 must be >= 0"),
     ],
 )
 def test_bad_config_values_name_the_key(overrides, message):
@@ -153,6 +169,34 @@ def test_bad_config_values_name_the_key(overrides, message):
     with pytest.raises(train.ConfigError) as info:
         train.validate_config(config)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("num_epochs, warmup", [(1, 0.6), (2, 1.5), (1, 0.99)])
+def test_fractional_warmup_shorter_than_the_run_is_valid(num_epochs, warmup):
+    config = small_config(**{"num_epochs": num_epochs, "optimizer.schedule.name": "warmup_cosine",
+                             "optimizer.schedule.warmup_epochs": warmup})
+    train.validate_config(config)  # checked in epochs, not in steps of a 1-step epoch
+    schedule = train.create_schedule(config, steps_per_epoch=10)
+    peak = min(int(round(warmup * 10)), 10 * num_epochs - 1)  # >= 1 step after the warmup
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(peak)) == pytest.approx(1e-3)
+    assert float(schedule(10 * num_epochs)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_read_metrics_drops_a_cut_last_line_and_names_a_damaged_one(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "test_loss": 0.5}\n\n{"epoch": 2, "test_lo')
+    assert train.read_metrics(path) == [{"epoch": 1, "test_loss": 0.5}]
+    assert f"Ignoring the last line of {path}, cut short" in caplog.text
+    path.write_text('{"epoch": 1}\n\x00\x00\x00\n{"epoch": 2}\n')
+    with pytest.raises(train.WorkdirError) as info:
+        train.read_metrics(path)
+    assert str(info.value).startswith(
+        f"{path} is damaged: line 2 is not a metrics record (Expecting value")
+    path.write_text('{"epoch": 1}\n[1, 2]\n{"epoch": 2}\n')
+    with pytest.raises(train.WorkdirError, match="line 2 is not a metrics record "
+                                                 r"\(not a record with an epoch\)"):
+        train.read_metrics(path)
 
 
 def test_batch_larger_than_subset_is_a_config_error(tmp_path, fashion):
@@ -251,6 +295,25 @@ def test_checkpoint_of_another_run_is_a_clear_error(runs, fashion, tmp_path, ove
     message = str(info.value)
     assert expected in message
     assert "fresh --workdir" in message
+
+
+def test_damaged_checkpoint_names_it_and_deleting_it_resumes_from_the_previous(
+        runs, fashion, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["root"] / "flat", workdir)
+    step = workdir / "checkpoints" / "2"
+    (step / "meta" / "metadata").write_text('{"epoch": 2, "ident')  # cut short
+    with pytest.raises(checkpoints.CheckpointReadError) as info:
+        train.load_checkpoint(workdir)
+    assert str(info.value) == (
+        f"The checkpoint {step} cannot be read (JSONDecodeError: Unterminated string starting "
+        f"at: line 1 column 14 (char 13)). If it is damaged (a disk error, a copy cut short), "
+        f"delete {step} to resume from the previous checkpoint, {step.parent / '1'}, or use "
+        f"a fresh --workdir.")
+    shutil.rmtree(step)  # as the message says
+    resumed = train.train_and_evaluate(small_config(num_epochs=2), workdir, dataset=fashion)
+    for a, b in zip(_flat_leaves(resumed.params), _flat_leaves(runs["flat"].params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_chunked_epochs_match_whole_epoch_scans(runs, fashion, tmp_path):
