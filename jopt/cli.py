@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "quantize":
             record = train.quantize_checkpoint(args.workdir, mode=args.mode)
             print(f"{record['mode']}: test_accuracy {100 * record['test_accuracy']:.2f}% "
-                  f"(float32 {100 * record['float_test_accuracy']:.2f}%), "
+                  f"(the model as trained: {100 * record['float_test_accuracy']:.2f}%), "
                   f"{record['float32_bytes']:,} -> {record['quantized_bytes']:,} bytes "
                   f"({record['compression']:.2f}x); wrote {record['file_bytes']:,} bytes to "
                   f"{args.workdir}/quantized_{record['mode']}.npz")

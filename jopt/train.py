@@ -178,6 +178,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         minimum = 0 if key == "num_epochs" else 1
         if config[key] < minimum:
             raise ConfigError(f"config.{key} must be >= {minimum}, got {config[key]}.")
+    if not 0 <= config.seed < 2**32:
+        # JAX keys take 32 bits (without jax_enable_x64): seed 2**32 would be seed 0.
+        raise ConfigError(f"config.seed must be in [0, 2**32), got {config.seed}.")
     if config.scan_unroll < 0:
         raise ConfigError(
             f"config.scan_unroll must be >= 0 (0: automatic, 4 on GPU/TPU and 1 on "
@@ -836,7 +839,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if start_epoch and data_parallel:
             epoch_fn.restore_residuals(
                 checkpoints.restore_residuals(checkpoint_manager, start_epoch))
-        if distributed.is_primary_process():
+        finished = start_epoch > 0 and start_epoch >= config.num_epochs
+        if finished:
+            # Nothing to train; config.json keeps describing the run that is there.
+            tqdm.write(f"{workdir} already holds {start_epoch} epochs "
+                       f"(config.num_epochs={config.num_epochs}): nothing to train. Raise "
+                       f"config.num_epochs to continue it, or use a fresh --workdir.",
+                       file=sys.stderr)
+        elif distributed.is_primary_process():
             (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
         epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
                       unit="epoch", initial=start_epoch, total=config.num_epochs,
@@ -948,7 +958,8 @@ def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
       dataset: use this data set instead of loading the run's.
 
     Returns:
-      The record: ``epoch``, ``event``, ``mode``, ``float_test_accuracy``,
+      The record: ``epoch``, ``event``, ``mode``, ``float_test_accuracy`` (the
+      model as trained: float weights, or fake-quantized ones after QAT),
       ``test_accuracy``, ``test_loss``, ``float32_bytes``, ``quantized_bytes``,
       ``compression``, ``weight_compression``, ``file_bytes``.
 

@@ -146,6 +146,7 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path, fashion):
         ({"compute_dtype": "float16"}, "config.compute_dtype='float16'"),
         ({"batch_size": 0}, "config.batch_size must be >= 1"),
         ({"scan_unroll": -1}, "config.scan_unroll must be >= 0"),
+        ({"seed": 2**32}, "config.seed must be in [0, 2**32), got 4294967296."),
         ({"optimizer.learning_rate": None},
          "config.optimizer.learning_rate must be a number >= 0 (the peak value when a "
          "schedule is used), got None."),
@@ -295,6 +296,20 @@ def test_checkpoint_of_another_run_is_a_clear_error(runs, fashion, tmp_path, ove
     message = str(info.value)
     assert expected in message
     assert "fresh --workdir" in message
+
+
+def test_rerunning_a_finished_run_with_fewer_epochs_trains_nothing_and_keeps_its_config(
+        runs, fashion, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["root"] / "flat", workdir)
+    before = (workdir / "config.json").read_text()
+    result = train.train_and_evaluate(small_config(num_epochs=1), workdir, dataset=fashion)
+    assert "already holds 2 epochs (config.num_epochs=1): nothing to train" in (
+        capsys.readouterr().err)
+    assert (workdir / "config.json").read_text() == before  # still says num_epochs 2
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for a, b in zip(_flat_leaves(result.params), _flat_leaves(runs["flat"].params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_damaged_checkpoint_names_it_and_deleting_it_resumes_from_the_previous(
