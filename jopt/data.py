@@ -386,7 +386,7 @@ def load(
             if unverified:
                 note = (f"{directory}: skipped, as files directly in ${_ENV_VAR} are used only "
                         f"if their SHA-256s identify them as {spec.name}'s, and "
-                        f"{', '.join(p.name for p in unverified)} match no known hash")
+                        f"{'; '.join(f'{p.name} {what}' for p, what in unverified)}")
                 _logger.warning("%s", note)
                 skipped.append(note)
                 continue
@@ -473,9 +473,13 @@ def _find_files(spec: DatasetSpec, directory: Path) -> list[Path] | None:
 def _read_files(
     spec: DatasetSpec, paths: Sequence[Path], *, flat_root: Path | None = None
 ) -> tuple[list[np.ndarray], list[Path]]:
-    """The arrays of `spec`'s files at `paths`, and the paths whose hashes are unknown.
+    """The arrays of `spec`'s files at `paths`, and ``(path, why)`` for those not
+    verified as `spec`'s by their hashes.
 
-    Raises DatasetFileError for a corrupt file, or one that is another known file.
+    Raises DatasetFileError for a corrupt file, or one that is another known file -
+    except under `flat_root` (files directly in $JOPT_DATA_DIR, which may hold any
+    data set): there another data set's file is only unverified, so that the
+    directory is skipped and the search goes on.
     """
     arrays, unverified = [], []
     for path, filename in zip(paths, spec.files, strict=True):
@@ -483,9 +487,11 @@ def _read_files(
         if _digests_of(spec, filename) & set(digests):
             pass  # Verified: it is this data set's file.
         elif (known := _identify(digests)) is not None:
-            raise DatasetFileError(_mismatch_message(spec, filename, path, *known, flat_root))
+            if flat_root is None:
+                raise DatasetFileError(_mismatch_message(spec, filename, path, *known))
+            unverified.append((path, f"is {known[0].name}'s {known[1]}"))
         else:
-            unverified.append(path)
+            unverified.append((path, "matches no known hash"))
         arrays.append(array)
     return arrays, unverified
 
@@ -506,21 +512,13 @@ def _identify(digests: Sequence[str]) -> tuple[DatasetSpec, str] | None:
 
 def _mismatch_message(
     spec: DatasetSpec, filename: str, path: Path, other: DatasetSpec, other_file: str,
-    flat_root: Path | None,
 ) -> str:
     what = f"{other.name}'s {other_file}"
     if other.name == spec.name:
         return (f"{path} is {what} (identified by its SHA-256), not its {filename}: the "
                 f"files are mixed up. Give each file its own name in {path.parent}.")
-    dirnames = ", ".join(f"{s.dirname}/" for s in DATASETS.values())
     message = (f"{path} is {what} (identified by its SHA-256), not {spec.name}'s "
                f"{filename}: the two data sets use the same file names. ")
-    if flat_root is not None:
-        return message + (
-            f"${_ENV_VAR}={flat_root} holds {other.name}'s files directly, and "
-            f"{flat_root / spec.dirname} does not hold {spec.name}'s. Set {_ENV_VAR} to a "
-            f"directory with one subdirectory per data set ({dirnames}), or unset it "
-            f"(~/.cache/jopt/<name> and /usr/share/datasets/<name> are searched too).")
     return message + (
         f"{path.parent} is searched for {spec.name}: move {other.name}'s files out of it "
         f"(to a directory named {other.dirname}/) and put {spec.name}'s there, or delete "

@@ -6,6 +6,8 @@ accepted (``jopt.adam(jopt.schedules.warmup_cosine_decay_schedule(...))``).
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from optax.schedules import (
     Schedule,
@@ -103,5 +105,6 @@ def step_decay_schedule(
     if step_size <= 0:
         raise ValueError(f"step_size must be > 0, got {step_size!r}.")
     if decay_factor == 0:  # optax reads a decay rate of 0 as "constant"
-        return piecewise_constant_schedule(init_value, {int(step_size): 0.0})
+        # floor(t / s) >= 1 from step ceil(s) on, as in the staircase rule.
+        return piecewise_constant_schedule(init_value, {math.ceil(step_size): 0.0})
     return exponential_decay(init_value, step_size, decay_factor, staircase=True)

@@ -876,8 +876,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             # Metrics before the checkpoint: a run killed in between redoes the
             # epoch, and _resume drops the record the checkpoint does not cover.
             if distributed.is_primary_process():
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                _append_record(metrics_path, record)
                 plot_curves(history, workdir / "curves.png")
             residuals = epoch_fn.residuals() if data_parallel else None
             checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
@@ -998,6 +997,22 @@ def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
         "weight_compression": sizes["weight_ratio"],
         "file_bytes": quantization.save_quantized(path, qvariables),
     }
-    with (Path(workdir) / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    _append_record(Path(workdir) / "metrics.jsonl", record)
     return record
+
+
+def _append_record(path: Path, record: dict) -> None:
+    """Appends one JSON line to ``metrics.jsonl``. A last line cut short by a crash
+    (no newline: read_metrics drops it) is removed first: appending onto it, or
+    after it, would leave a damaged line inside the file."""
+    with path.open("a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n") + 1  # 0: the whole tail is the cut line
+                _logger.warning("Dropping the last line of %s, cut short by a run that "
+                                "stopped while writing it.", path)
+                f.truncate(size - len(tail) + cut)
+        f.write((json.dumps(record) + "\n").encode())

@@ -1,11 +1,12 @@
 """Tests of the `jopt` command line: a smoke run on real Fashion-MNIST, eval, errors, help."""
 
+import dataclasses
 import json
 import pathlib
 
 import pytest
 
-from jopt import cli
+from jopt import cli, data
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).parents[1] / "configs" / "default.py")
 SMALL = ["--config.dataset=fashion_mnist", "--config.num_epochs=1", "--config.batch_size=64",
@@ -170,19 +171,24 @@ def test_fractional_layer_sizes_are_an_error(tmp_path, capsys):
 
 def test_fashion_mnist_in_jopt_data_dir_is_not_used_for_mnist(tmp_path, capsys, monkeypatch):
     # configs/default.py trains MNIST; the files directly in $JOPT_DATA_DIR are
-    # Fashion-MNIST's (same names): an error naming the file, not a silent run.
+    # Fashion-MNIST's (same names): skipped, and with MNIST nowhere else, an error
+    # that says why - not a silent run on the wrong data.
     fashion = pathlib.Path("/usr/share/datasets/fashion-mnist")
     if not fashion.is_dir():
         pytest.skip(f"{fashion} is missing")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("JOPT_DATA_DIR", str(fashion))
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (str(tmp_path / "system"),))
+    offline = dataclasses.replace(data.DATASETS["mnist"], mirrors=())
+    monkeypatch.setattr(data, "DATASETS", {**data.DATASETS, "mnist": offline})
     argv = ["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path / "w"),
             "--config.num_epochs=1", "--config.train_subset=1000", "--config.test_subset=500"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert (f"jopt train: error: {fashion}/train-images-idx3-ubyte.gz is fashion_mnist's "
-            "train-images-idx3-ubyte.gz (identified by its SHA-256), not mnist's") in err
-    assert "Set JOPT_DATA_DIR to a directory with one subdirectory per data set" in err
+    assert "jopt train: error: Could not find data set 'mnist'" in err
+    assert (f"({fashion}: skipped, as files directly in $JOPT_DATA_DIR are used only if their "
+            "SHA-256s identify them as mnist's, and train-images-idx3-ubyte.gz is "
+            "fashion_mnist's train-images-idx3-ubyte.gz;") in err
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.server
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -297,9 +298,10 @@ def test_flat_jopt_data_dir_is_used_only_for_files_identified_by_hash(
         data.load("mnist", download=False)
     message = str(excinfo.value)
     assert (f"  ({tmp_path / 'env'}: skipped, as files directly in $JOPT_DATA_DIR are used "
-            "only if their SHA-256s identify them as mnist's, and train-images-idx3-ubyte.gz, "
-            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
-            "match no known hash)\n") in message
+            "only if their SHA-256s identify them as mnist's, and train-images-idx3-ubyte.gz "
+            "matches no known hash; train-labels-idx1-ubyte.gz matches no known hash; "
+            "t10k-images-idx3-ubyte.gz matches no known hash; t10k-labels-idx1-ubyte.gz "
+            "matches no known hash)\n") in message
     assert f"e.g. in $JOPT_DATA_DIR/mnist/" in message
     write_dataset(env.cache / "mnist", label=3)
     assert set(data.load("mnist", download=False).train_labels) == {3}
@@ -311,24 +313,23 @@ def test_fashion_mnist_is_never_taken_for_mnist(
 ) -> None:
     # Both data sets use the same file names. Debian re-gzips Fashion-MNIST, so these
     # are recognised by the SHA-256s of their decompressed content.
+    # Files directly in $JOPT_DATA_DIR: skipped (the search goes on), with the reason.
     monkeypatch.setenv("JOPT_DATA_DIR", str(_DEBIAN_FASHION))
-    with pytest.raises(data.DatasetFileError) as excinfo:
+    with pytest.raises(data.DatasetNotFoundError) as excinfo:
         data.load("mnist", download=False)
-    path = _DEBIAN_FASHION / "train-images-idx3-ubyte.gz"
-    assert str(excinfo.value) == (
-        f"{path} is fashion_mnist's train-images-idx3-ubyte.gz (identified by its SHA-256), "
-        "not mnist's train-images-idx3-ubyte.gz: the two data sets use the same file names. "
-        f"$JOPT_DATA_DIR={_DEBIAN_FASHION} holds fashion_mnist's files directly, and "
-        f"{_DEBIAN_FASHION / 'mnist'} does not hold mnist's. Set JOPT_DATA_DIR to a directory "
-        "with one subdirectory per data set (mnist/, fashion-mnist/), or unset it "
-        "(~/.cache/jopt/<name> and /usr/share/datasets/<name> are searched too)."
-    )
+    assert (f"  ({_DEBIAN_FASHION}: skipped, as files directly in $JOPT_DATA_DIR are used "
+            "only if their SHA-256s identify them as mnist's, and train-images-idx3-ubyte.gz "
+            "is fashion_mnist's train-images-idx3-ubyte.gz; ") in str(excinfo.value)
+    # ... to a later directory that has MNIST's files.
+    write_dataset(env.cache / "mnist", label=4)
+    assert set(data.load("mnist", download=False).train_labels) == {4}
+    shutil.rmtree(env.cache / "mnist")
     # The same files are Fashion-MNIST's own: verified, so the flat layout is used.
     assert data.load("fashion_mnist", download=False).name == "fashion_mnist"
 
     # In a directory named for MNIST (a symlink here) they are an error too.
     monkeypatch.delenv("JOPT_DATA_DIR")
-    env.cache.mkdir(parents=True)
+    env.cache.mkdir(parents=True, exist_ok=True)
     (env.cache / "mnist").symlink_to(_DEBIAN_FASHION)
     with pytest.raises(data.DatasetFileError, match=(
             r"mnist/train-images-idx3-ubyte.gz is fashion_mnist's train-images-idx3-ubyte.gz "

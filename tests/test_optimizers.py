@@ -426,6 +426,8 @@ def test_classic_schedules():
     # A factor of 0 drops to 0 (optax's exponential_decay reads rate 0 as "constant").
     drop = jopt.schedules.step_decay_schedule(0.1, 0.0, step_size=10)
     assert [float(drop(t)) for t in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.0, 0.0])
+    half = jopt.schedules.step_decay_schedule(0.1, 0.0, step_size=2.5)  # floor(t / 2.5)
+    assert [float(half(t)) for t in (0, 2, 3)] == pytest.approx([0.1, 0.1, 0.0])
 
 
 @pytest.mark.parametrize(

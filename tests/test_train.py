@@ -184,6 +184,17 @@ def test_fractional_warmup_shorter_than_the_run_is_valid(num_epochs, warmup):
     assert float(schedule(10 * num_epochs)) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_appending_after_a_cut_last_line_keeps_the_file_readable(tmp_path):
+    # jopt quantize appends to metrics.jsonl without rewriting it first.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "test_accuracy": 0.8}\n{"epoch": 2, "test_acc')
+    for _ in range(2):
+        train._append_record(path, {"epoch": 1, "event": "quantize"})
+    assert train.read_metrics(path) == [{"epoch": 1, "test_accuracy": 0.8},
+                                        {"epoch": 1, "event": "quantize"},
+                                        {"epoch": 1, "event": "quantize"}]
+
+
 def test_read_metrics_drops_a_cut_last_line_and_names_a_damaged_one(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1, "test_loss": 0.5}\n\n{"epoch": 2, "test_lo')
