@@ -77,7 +77,10 @@ def _restore(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
     """``mngr.restore`` of ``items`` from ``step``; a failure is a CheckpointReadError."""
     try:
         return mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax/tensorstore raise anything, down to a bare Exception.
+    # What damaged files raise through orbax and tensorstore: OSError (missing files),
+    # ValueError (tensorstore's decoding errors, JSONDecodeError), KeyError (orbax's
+    # metadata lookups), EOFError. Anything else (MemoryError, a bug) propagates as is.
+    except (OSError, ValueError, KeyError, EOFError) as e:
         root = e  # The innermost error says what is wrong (tensorstore wraps it twice).
         while (inner := root.__cause__ or root.__context__) is not None and str(inner):
             root = inner

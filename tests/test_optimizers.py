@@ -341,25 +341,30 @@ def test_a_gradient_leaf_against_a_state_container_is_a_tree_mismatch(params, gr
 
 
 @pytest.mark.parametrize("state_storage", ["bfloat16", "int8"])
-def test_centered_rmsprop_with_lossy_state_stays_finite(state_storage):
-    # A gradient with a large mean and little noise: nu - mu^2 is tiny, and the
-    # separately rounded mu and nu could make it negative (rsqrt -> NaN).
-    tx = jopt.rmsprop(1e-3, decay=0.9, centered=True, state_storage=state_storage)
-    params = jnp.zeros(8192)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    noise = jax.random.normal(jax.random.key(0), (100, 8192))
-    for i in range(100):
-        updates, state = update(1.0 + 0.01 * noise[i], state)
-        params = params + updates
+def test_centered_rmsprop_with_lossy_state_tracks_float32(state_storage):
+    # A gradient whose mean dominates its noise: nu - mu^2 is 1e-4 of nu. Rounding
+    # nu and mu separately (0.4% bf16, 3% int8) lost it: NaN or 100x too large steps.
+    kwargs = dict(decay=0.9, centered=True)
+    grads = 1.0 + 0.01 * jax.random.normal(jax.random.key(0), (100, 8192))
+    runs = {}
+    for name, tx in [("lossy", jopt.rmsprop(1e-3, state_storage=state_storage, **kwargs)),
+                     ("float32", jopt.rmsprop(1e-3, **kwargs))]:
+        params, state = jnp.zeros(8192), tx.init(jnp.zeros(8192))
+        update = jax.jit(tx.update)
+        largest = 0.0
+        for g in grads:
+            updates, state = update(g, state)
+            params = params + updates
+            largest = max(largest, float(jnp.max(jnp.abs(updates))))
+        runs[name] = params, largest
+    params, largest = runs["lossy"]
     assert bool(jnp.all(jnp.isfinite(params)))
-    # Same steps as float32 state, near enough (each ~ lr / sqrt(variance + eps)).
-    reference = jopt.rmsprop(1e-3, decay=0.9, centered=True)
-    ref_params, ref_state = jnp.zeros(8192), reference.init(jnp.zeros(8192))
-    for i in range(100):
-        updates, ref_state = reference.update(1.0 + 0.01 * noise[i], ref_state)
-        ref_params = ref_params + updates
-    assert bool(jnp.all(jnp.sign(params) == jnp.sign(ref_params)))
+    assert largest < 1.1 * runs["float32"][1]
+    # Each step is ~ lr * g / std(g) ~ 0.1: the sum over 100 steps tracks float32.
+    # bf16 closely; int8 conservatively - mu's own rounding (up to 3% of |mu| ~ 1)
+    # exceeds the gradient noise (0.01), inflating the variance: smaller steps.
+    ratio = float(jnp.mean(params) / jnp.mean(runs["float32"][0]))
+    assert (0.95 if state_storage == "bfloat16" else 0.7) < ratio < 1.05
 
 
 def test_mismatched_gradient_tree_names_the_first_differing_path():
