@@ -40,11 +40,13 @@ NUM_DEVICES = 8
 _CHILD = "JOPT_BENCHMARK_PARALLEL_CHILD"
 
 
-def _rerun_with_simulated_devices() -> int:
+def _rerun_with_simulated_devices(argv) -> int:
+    """Runs this script again with ``argv`` (main's own, not necessarily sys.argv's)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
     flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return subprocess.call([sys.executable, os.path.abspath(__file__), *argv], env=env)
 
 
 def _setup(hidden_sizes):
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     if jax.device_count() < NUM_DEVICES:
         if os.environ.get(_CHILD):
             raise SystemExit(f"needs {NUM_DEVICES} devices, found {jax.device_count()}")
-        return _rerun_with_simulated_devices()
+        return _rerun_with_simulated_devices(argv)
     results = run(args)
     print(json.dumps(results) if args.json else _table(results))
     return 0

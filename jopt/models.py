@@ -120,6 +120,16 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, images):
+        if images.ndim not in (3, 4):
+            raise ValueError(
+                f"CNN takes a batch of images [batch, height, width] or [batch, height, "
+                f"width, channels], got shape {images.shape}; reshape flat inputs (e.g. "
+                f"[batch, 784] -> [batch, 28, 28]), and add a batch axis to a single image.")
+        smallest = 2 ** len(self.conv_features)
+        if min(images.shape[1:3]) < smallest:
+            raise ValueError(
+                f"CNN halves the image {len(self.conv_features)} times: height and width "
+                f"must be at least {smallest}, got {images.shape[1:3]}.")
         x = _standardise(images, self.input_mean, self.input_std)
         x = x if x.ndim == 4 else x[..., None]
         for i, features in enumerate(self.conv_features):

@@ -758,6 +758,10 @@ def notebook_03() -> list[nbformat.NotebookNode]:
             from jopt.models import MLP
             from jopt.parallel import DataParallel, communication_bytes
 
+            # TPUs (and GPUs, with TF32) multiply float32 matrices in reduced precision by
+            # default; the checks below compare variants to float32 rounding, so ask for full
+            # precision (over two epochs bf16 passes drift the parameters by ~0.3).
+            jax.config.update("jax_default_matmul_precision", "highest")
             N = jax.device_count()
             print(f"jax {jax.__version__}: {N} {jax.devices()[0].platform} device(s): {jax.devices()}")
             BATCH = 128  # the global batch; each device gets BATCH // N examples
@@ -1017,9 +1021,9 @@ def notebook_04() -> list[nbformat.NotebookNode]:
             import jopt
             from jopt import pruning, quantization
             from jopt.cli import load_config
-            from jopt.models import MLP
-            from jopt.train import (build_epoch_fn, build_eval_fn, epoch_key, init_train_state,
-                                    make_apply_fn, make_loss_fn, prepare_eval_data, shuffle_batches)
+            from jopt.train import (build_epoch_fn, build_eval_fn, create_model, epoch_key,
+                                    init_train_state, make_apply_fn, make_loss_fn,
+                                    prepare_eval_data, shuffle_batches)
 
             print(f"jax {jax.__version__} on {jax.default_backend()}")
             if REPO is None:
@@ -1072,7 +1076,7 @@ def notebook_04() -> list[nbformat.NotebookNode]:
             The reference MLP 784-64-64-10 trained with Adam: 55,050 float32 parameters, 215 kB.
         '''),
         code(r'''
-            model = MLP()
+            model = create_model(config, dataset.num_classes)  # MLP, inputs standardised
             apply_fn = make_apply_fn(model)
             dense_params = unflatten(fit(model, jopt.adam(config.optimizer.learning_rate)).params)
             dense_accuracy = accuracy(apply_fn, dense_params)
@@ -1190,8 +1194,8 @@ def notebook_04() -> list[nbformat.NotebookNode]:
                       f"weights {sizes['weight_ratio']:.1f}x)")
         '''),
         md(r'''
-            **Quantization-aware training.** `MLP(quantize_weights=mode)` builds the same network
-            from `quantization.QuantDense` layers: the forward pass uses the quantized weights,
+            **Quantization-aware training.** `model.clone(quantize_weights=mode)` builds the same
+            network (`jopt.models.MLP`) from `quantization.QuantDense` layers: the forward pass uses the quantized weights,
             $\hat w = s\,q(w/s)$, and the backward pass the straight-through estimator
             ($\partial \hat w / \partial w = 1$ inside the clipping range), so the float weights
             keep learning while the network learns to live with the rounding. Its parameters are
@@ -1200,7 +1204,7 @@ def notebook_04() -> list[nbformat.NotebookNode]:
         code(r'''
             qat = {}
             for mode in (["ternary"] if SMALL else ["int4", "ternary", "binary"]):
-                qat_model = MLP(quantize_weights=mode)  # QuantDense layers in place of nn.Dense
+                qat_model = model.clone(quantize_weights=mode)  # QuantDense layers in place of nn.Dense
                 qat_params = unflatten(fit(qat_model, jopt.adam(config.optimizer.learning_rate)).params)
                 qvariables = quantization.quantize_params(qat_params, mode)
                 sizes = quantization.size_report(qat_params, qvariables)

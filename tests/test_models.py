@@ -50,3 +50,13 @@ def test_cnn_accepts_images_with_or_without_a_channel_axis():
     logits = apply(params, x)
     assert logits.shape == (2, 10)
     assert jnp.allclose(logits, apply(params, x[..., None]))
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 784), r"CNN takes a batch of images .* got shape \(2, 784\)"),
+    ((2, 3, 3), r"must be at least 4, got \(3, 3\)"),
+])
+def test_cnn_rejects_inputs_it_cannot_convolve(shape, message):
+    model = CNN(conv_features=(2, 4), hidden_sizes=(8,))
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), jnp.zeros(shape))
