@@ -10,12 +10,17 @@ import math
 
 import jax.numpy as jnp
 from optax.schedules import (
+    InjectHyperparamsState,
+    InjectStatefulHyperparamsState,
     Schedule,
+    StatefulSchedule,
+    WrappedSchedule,
     constant_schedule,
     cosine_decay_schedule,
     cosine_onecycle_schedule,
     exponential_decay,
     inject_hyperparams,
+    inject_stateful_hyperparams,
     join_schedules,
     linear_onecycle_schedule,
     linear_schedule,
@@ -31,12 +36,17 @@ from optax.schedules import (
 from jopt._validation import check_in_range
 
 __all__ = [
+    "InjectHyperparamsState",
+    "InjectStatefulHyperparamsState",
     "Schedule",
+    "StatefulSchedule",
+    "WrappedSchedule",
     "constant_schedule",
     "cosine_decay_schedule",
     "cosine_onecycle_schedule",
     "exponential_decay",
     "inject_hyperparams",
+    "inject_stateful_hyperparams",
     "inverse_time_decay",
     "join_schedules",
     "linear_onecycle_schedule",

@@ -39,6 +39,13 @@ def test_signature_extends_optax(name):
     assert all(ours[p].kind == inspect.Parameter.KEYWORD_ONLY for p in extras)
 
 
+def test_jopt_schedules_has_every_public_name_of_optax_schedules():
+    # `import jopt as optax` reaches optax.schedules.* through jopt.schedules.
+    missing = sorted(name for name in dir(optax.schedules)
+                     if not name.startswith("_") and not hasattr(jopt.schedules, name))
+    assert missing == []
+
+
 CORE_MODULES = [
     "jopt.lift", "jopt.transforms", "jopt.optimizers", "jopt.schedules", "jopt.storage",
     "jopt.flat",
