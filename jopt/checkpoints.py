@@ -91,28 +91,33 @@ def _restore(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
 
 
 def _discard_abandoned_reads(wait_s: float = 0.2) -> None:
-    """Collects, silently, what orbax leaves behind when one array of a restore fails.
+    """Silences what orbax leaves behind when one array of a restore fails.
 
     Orbax closes its event loop with the other arrays' reads still pending: their
     TensorStore callbacks then fail ("Event loop is closed"), and their coroutines,
     once garbage collected, raise from an ``except BaseException`` - each printing
-    "Exception ignored in: ..." and pages of TensorStore spec after our message. Let
-    the reads (small local files) finish and collect them with those reports dropped.
+    "Exception ignored in: ..." and pages of TensorStore spec after our message, at
+    whatever moment the reads finish (later still on a loaded machine). So from the
+    first failed restore on, the process's ``sys.unraisablehook`` drops exactly those
+    reports (a RuntimeError "Event loop is closed", or an orbax coroutine's) and
+    passes every other one on; then the reads get ``wait_s`` to finish and are
+    collected.
     """
-    def quiet(report: Any) -> None:
-        code = getattr(report.object, "cr_code", None)
-        from_orbax = code is not None and "orbax" in code.co_filename
-        closed_loop = (isinstance(report.exc_value, RuntimeError)
-                       and str(report.exc_value) == "Event loop is closed")
-        if not (from_orbax or closed_loop):
-            previous(report)
+    if not getattr(sys.unraisablehook, "_jopt_drops_abandoned_reads", False):
+        previous = sys.unraisablehook
 
-    previous, sys.unraisablehook = sys.unraisablehook, quiet
-    try:
-        time.sleep(wait_s)
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+        def quiet(report: Any) -> None:
+            code = getattr(report.object, "cr_code", None)
+            from_orbax = code is not None and "orbax" in code.co_filename
+            closed_loop = (isinstance(report.exc_value, RuntimeError)
+                           and str(report.exc_value) == "Event loop is closed")
+            if not (from_orbax or closed_loop):
+                previous(report)
+
+        quiet._jopt_drops_abandoned_reads = True  # type: ignore[attr-defined]
+        sys.unraisablehook = quiet
+    time.sleep(wait_s)
+    gc.collect()
 
 
 def _unreadable(mngr: ocp.CheckpointManager, step: int, reason: str) -> CheckpointReadError:
