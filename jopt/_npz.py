@@ -147,6 +147,25 @@ def read_npz(path: str | os.PathLike[str], *, remedy: str | None = None
     return _Strict(arrays, path, meta, remedy, "the archive"), records
 
 
+def load_leaves(path: str | os.PathLike[str], arrays: dict, meta: list[dict],
+                load_leaf, remedy: str | None = None) -> list:
+    """``load_leaf(arrays, i, record)`` for each leaf record of a :func:`read_npz` file.
+
+    A ``ValueError`` of ``load_leaf`` (the leaf's data do not fit its record) becomes
+    an :class:`InvalidFileError` naming the file, the leaf and ``remedy``.
+    """
+    leaves = []
+    for i, record in enumerate(meta):
+        try:
+            leaves.append(load_leaf(arrays, i, record))
+        except InvalidFileError:
+            raise
+        except ValueError as e:
+            name = "/".join(map(str, record["path"])) or "<root>"
+            raise bad_file(path, f"leaf {i} ({name}): {e}", remedy) from None
+    return leaves
+
+
 def leaf_records(tree: Any, is_leaf) -> list[tuple[list, Any]]:
     """``(key path as names, leaf)`` for each leaf of ``tree``."""
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]

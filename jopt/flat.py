@@ -292,7 +292,7 @@ class FlatParams:
         if layout.shard is not None:  # this device's slice of the whole buffers
             whole = cls.pack_like(tree, layout.shard.layout, dtype=dtype,
                                   padding_value=padding_value)
-            return _take_shard(whole, layout)
+            return take_shard(whole, layout)
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if treedef != layout.treedef:
             raise ValueError(
@@ -404,8 +404,9 @@ def _plan(leaves: list, pad_multiple: int):
     return tuple(slots), tuple(dtypes), sizes
 
 
-def _take_shard(whole: "FlatParams", layout: FlatLayout) -> "FlatParams":
-    """This device's slice (``layout.shard``) of ``whole``, buffers of the whole layout."""
+def take_shard(whole: "FlatParams", layout: FlatLayout) -> "FlatParams":
+    """This device's slice of ``whole``'s buffers, as a FlatParams of the shard
+    ``layout`` (``layout.shard`` describes ``whole``); call it inside ``shard_map``."""
     shard = layout.shard
     index = jax.lax.axis_index(shard.axis_name)
     buffers = {}
@@ -485,7 +486,7 @@ def _elementwise_mask(mask: Any, tree: Any) -> Any:
             if difference:
                 raise ValueError(f"masked: the mask's layout differs from the params': "
                                  f"{difference}.")
-            return mask_tree if shard is None else _take_shard(mask_tree, tree.layout)
+            return mask_tree if shard is None else take_shard(mask_tree, tree.layout)
         leaves = _broadcast_prefix(mask_tree, whole.treedef)
         return FlatParams.pack_like(whole.treedef.unflatten(leaves), tree.layout,
                                     dtype=bool, padding_value=False)

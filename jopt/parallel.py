@@ -109,7 +109,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jopt import storage as storage_lib
-from jopt.flat import FlatParams, FlatShard
+from jopt.flat import FlatParams, FlatShard, take_shard
 
 __all__ = [
     "AXIS_NAME",
@@ -561,11 +561,8 @@ class DataParallel:
         return FlatParams(buffers, layout)
 
     def _local_slice(self, flat: FlatParams) -> FlatParams:
-        index = lax.axis_index(self.axis_name)
-        return self._shard_view(flat, {
-            d: lax.dynamic_slice_in_dim(b, index * (b.size // self.num_devices),
-                                        b.size // self.num_devices)
-            for d, b in flat.buffers.items()})
+        """This device's slice of ``flat`` (inside ``shard_map``), as :meth:`_shard_view`."""
+        return take_shard(flat, self._shard_view(flat, {}).layout)
 
     def _zero1_state_specs(self, flat: FlatParams) -> Any:
         shard = self._shard_view(flat, {

@@ -771,35 +771,30 @@ def load_sparse(path: str | os.PathLike[str], *, like: Any = None, dense: bool =
       dense: return dense numpy arrays instead of :class:`SparseArray` leaves.
     """
     arrays, meta = _npz.read_npz(path)
-    leaves = []
-    for i, record in enumerate(meta):
-        leaf = _checked_sparse_leaf(path, i, record, arrays)
-        leaves.append(leaf.todense() if dense else leaf)
+    leaves = _npz.load_leaves(path, arrays, meta, _load_sparse_leaf,
+                              "Re-create it with jopt.pruning.save_sparse.")
+    if dense:
+        leaves = [leaf.todense() for leaf in leaves]
     return _npz.rebuild([r["path"] for r in meta], leaves, like, _is_sparse)
 
 
-def _checked_sparse_leaf(path, i: int, record: dict, arrays: dict) -> SparseArray:
+def _load_sparse_leaf(arrays: dict, i: int, record: dict) -> SparseArray:
     """Leaf ``i`` of a :func:`save_sparse` file, its sizes checked against its record
     (a truncated or altered file would otherwise fail deep inside numpy, or load
-    wrong values)."""
-    def bad(problem):
-        name = "/".join(str(k) for k in record.get("path", ["?"]))
-        return _npz.bad_file(path, f"leaf {i} ({name}): {problem}",
-                             "Re-create it with jopt.pruning.save_sparse.")
-
+    wrong values); ValueError saying what is wrong."""
     try:
         dtype = jnp.dtype(record["dtype"])
         shape = tuple(int(n) for n in record["shape"])
     except (TypeError, ValueError) as e:
-        raise bad(f"unreadable dtype or shape in its header ({e})") from None
+        raise ValueError(f"unreadable dtype or shape in its header ({e})") from None
     fmt = record["format"]
     if fmt not in ("dense", "bitmask", "indices"):
-        raise bad(f"unknown format {fmt!r}")
+        raise ValueError(f"unknown format {fmt!r}")
     size = int(np.prod(shape, dtype=np.int64))
     values = arrays[f"{i}.values"]
     if values.ndim != 1 or values.dtype.itemsize != dtype.itemsize:
-        raise bad(f"values of dtype {values.dtype} and shape {values.shape}, expected "
-                  f"a flat array of {dtype.name}")
+        raise ValueError(f"values of dtype {values.dtype} and shape {values.shape}, expected "
+                         f"a flat array of {dtype.name}")
     if values.dtype != dtype:
         values = values.view(dtype)
     positions = None
@@ -809,15 +804,16 @@ def _checked_sparse_leaf(path, i: int, record: dict, arrays: dict) -> SparseArra
         positions = arrays[f"{i}.positions"]
         if fmt == "bitmask":
             if positions.dtype != np.uint8 or positions.shape != (-(-size // 8),):
-                raise bad(f"a bitmask of {positions.dtype} {positions.shape}, expected uint8 "
-                          f"({-(-size // 8)},) for {size} entries")
+                raise ValueError(f"a bitmask of {positions.dtype} {positions.shape}, expected "
+                                 f"uint8 ({-(-size // 8)},) for {size} entries")
             kept = int(np.unpackbits(positions, count=size).sum())
         else:
             if positions.ndim != 1 or positions.dtype.kind not in "ui":
-                raise bad(f"indices of dtype {positions.dtype} and shape {positions.shape}")
+                raise ValueError(f"indices of dtype {positions.dtype} and shape "
+                                 f"{positions.shape}")
             if positions.size and (positions.min() < 0 or positions.max() >= size):
-                raise bad(f"indices outside [0, {size})")
+                raise ValueError(f"indices outside [0, {size})")
             kept = positions.size
     if values.size != kept:
-        raise bad(f"{values.size} stored values for {kept} kept entries")
+        raise ValueError(f"{values.size} stored values for {kept} kept entries")
     return SparseArray(shape, dtype, values, positions, fmt)

@@ -661,13 +661,5 @@ def load_quantized(path: str | os.PathLike[str], *, like: Any = None) -> Any:
     if _npz.file_kind(meta) == "sparse":
         raise _npz.bad_file(path, f"it is {_npz.describe_kind('sparse')}, not a quantized "
                                   f"model", _FILE_REMEDY)
-    leaves = []
-    for i, record in enumerate(meta):
-        try:
-            leaves.append(_load_quantized_leaf(arrays, i, record))
-        except _npz.InvalidFileError:
-            raise
-        except ValueError as e:
-            name = "/".join(map(str, record["path"])) or "<root>"
-            raise _npz.bad_file(path, f"leaf {i} ({name}): {e}", _FILE_REMEDY) from None
+    leaves = _npz.load_leaves(path, arrays, meta, _load_quantized_leaf, _FILE_REMEDY)
     return _npz.rebuild([r["path"] for r in meta], leaves, like, _is_quantized)

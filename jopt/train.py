@@ -1007,12 +1007,12 @@ def _append_record(path: Path, record: dict) -> None:
     after it, would leave a damaged line inside the file."""
     with path.open("a+b") as f:
         size = f.seek(0, os.SEEK_END)
-        if size:
+        f.seek(max(0, size - 1))
+        if size and f.read(1) != b"\n":  # a cut last line: only after a crash
             f.seek(max(0, size - 65536))
             tail = f.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n") + 1  # 0: the whole tail is the cut line
-                _logger.warning("Dropping the last line of %s, cut short by a run that "
-                                "stopped while writing it.", path)
-                f.truncate(size - len(tail) + cut)
+            cut = tail.rfind(b"\n") + 1  # 0: the whole tail is the cut line
+            _logger.warning("Dropping the last line of %s, cut short by a run that "
+                            "stopped while writing it.", path)
+            f.truncate(size - len(tail) + cut)
         f.write((json.dumps(record) + "\n").encode())
