@@ -124,8 +124,9 @@ class DatasetSpec:
 # SHA-256s published for the original uncompressed Fashion-MNIST files: the data are
 # identical. Those uncompressed hashes (`raw_sha256`, computed from Debian's files)
 # identify Fashion-MNIST on disk whatever its compression. MNIST's uncompressed hashes
-# are not pinned: its original `.gz` files are recognised, its unpacked ones only as
-# "not Fashion-MNIST" (enough in a directory named for it, see `load`).
+# are the ones many MNIST loaders pin for the unpacked original files; they were
+# checked against the copy that `.ci/fetch_mnist.py` installs (MD5s equal to the
+# originals' too).
 _MNIST = DatasetSpec(
     name="mnist",
     dirname="mnist",
@@ -139,6 +140,14 @@ _MNIST = DatasetSpec(
             "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
             "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
             "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        }
+    ),
+    raw_sha256=types.MappingProxyType(
+        {
+            "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         }
     ),
     # The widely used MNIST statistics (e.g. torchvision's MNIST example).
