@@ -58,7 +58,9 @@ def _encode(x, signed, index, step):
     low = jnp.minimum(jnp.floor(levels * root), levels - 1)
     lo = S._power(low * (1.0 / levels), power)
     hi = S._power((low + 1) * (1.0 / levels), power)
-    bits = S._hash_bits(index, step, 0x2545F491 + signed) >> 8
+    # jopt.adam's noise stream for this moment of the (single) leaf.
+    key = S._stream_key(S._INT8_STREAM, signed, S._salt("mu/0" if signed else "nu/0"))
+    bits = S._hash_bits(index, step, key) >> 8
     uniform = jax.lax.bitcast_convert_type(bits, jnp.int32).astype(jnp.float32)
     up = uniform * (2.0**-24 * (hi - lo)) < mag - lo
     codes = low + up.astype(jnp.float32)

@@ -172,15 +172,26 @@ def lift(
         for m in moments
     )
 
+    def encode(codec, value, like, moment, i):
+        # Each moment of each leaf (i: its place in the flattened tree) gets its own
+        # salt, hence its own rounding noise: same-shaped leaves (a stack of equal
+        # layers) and a leaf's mu and nu would otherwise round alike at every step.
+        # with_state_storage names state the same way ("mu/0"), so wrapping
+        # optax.adam gives the bits of jopt.adam.
+        return storage_lib._encode(codec, value, like=like, signed=moment.signed,
+                                   salt=storage_lib._salt(f"{moment.name}/{i}"))
+
     def init_fn(params):
-        def init_leaf(param, moment, codec):
+        leaves, treedef = jax.tree.flatten(params)
+
+        def init_leaf(param, moment, codec, i):
             param = jnp.asarray(param)
             value = jnp.full(param.shape, moment.initial_value,
                              storage_lib.compute_dtype(param.dtype))
-            return codec.encode(value, like=param, signed=moment.signed)
+            return encode(codec, value, param, moment, i)
 
         state = {
-            m.name: jax.tree.map(lambda p, m=m, c=c: init_leaf(p, m, c), params)
+            m.name: treedef.unflatten([init_leaf(p, m, c, i) for i, p in enumerate(leaves)])
             for m, c in zip(moments, codecs)
         }
         if with_count:
@@ -203,7 +214,7 @@ def lift(
             for column, moment, codec, value, old in zip(
                 new_moments, moments, codecs, values, previous
             ):
-                column.append(codec.encode(value, like=old, signed=moment.signed))
+                column.append(encode(codec, value, old, moment, i))
         new_state = {
             m.name: treedef.unflatten(column) for m, column in zip(moments, new_moments)
         }

@@ -7,6 +7,11 @@ levels: a decoded value must be one of the two levels around the true value
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -453,3 +458,183 @@ def test_wrapper_keeps_update_dtypes_and_masked_states():
     assert updates["a"].dtype == jnp.bfloat16 and updates["b"].dtype == jnp.float32
     assert isinstance(state.inner_state[0].mu["a"], storage.QuantizedArray)
     np.testing.assert_array_equal(updates["b"], params["b"])  # masked out: passed through
+
+
+# ------------------------------------------------------------------ noise streams
+# Every stored array draws its own rounding noise (the ``salt`` of ``encode``): with
+# one shared stream, same-shaped leaves rounded alike at every step and nu drew
+# mu's bits shifted by one element.
+
+def _stored_values(x):
+    """What an encoded array holds, as a numpy array (int8 codes or bf16 values)."""
+    return np.asarray(x.codes if isinstance(x, storage.QuantizedArray) else x.values)
+
+
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_same_shaped_leaves_round_independently(name):
+    # Two leaves with the same values and gradients: each must land on a level next
+    # to the float32 state, and independently of the other.
+    x = jax.random.normal(jax.random.key(0), (64, 128))
+    params = {"a": x, "b": x}
+    grads = {"a": jnp.cos(7.0 * x), "b": jnp.cos(7.0 * x)}
+    exact = jopt.adam(1e-3).update(grads, jopt.adam(1e-3).init(params), params)[1][0]
+    tx = jopt.adam(1e-3, state_storage=name)
+    state = jax.jit(tx.update)(grads, tx.init(params), params)[1][0]
+    for field, signed in (("mu", True), ("nu", False)):
+        a, b = getattr(state, field)["a"], getattr(state, field)["b"]
+        # Stochastic rounding of each value goes the other way in about 1/3 of the
+        # cases (2p(1 - p) for a uniform p); one shared stream made it 0.
+        assert np.mean(_stored_values(a) != _stored_values(b)) > 0.2, field
+        reference = np.asarray(getattr(exact, field)["a"], np.float64)
+        for stored in (a, b):
+            decoded = np.asarray(storage.resolve_storage(name).decode(stored), np.float64)
+            if name == "int8":
+                assert_on_a_neighbour(reference, decoded, signed, nearest=False)
+            else:
+                assert np.all(np.abs(decoded - reference) <= np.abs(reference) * 2.0**-7)
+            error = decoded - reference  # unbiased: the mean error is within noise
+            assert abs(error.mean()) < 4 * error.std() / np.sqrt(error.size)
+    # The wrapper salts state as jopt does: optax.adam's state is jopt.adam's.
+    wrapped = storage.with_state_storage(optax.adam(1e-3), name)
+    wrapped_state = jax.jit(wrapped.update)(grads, wrapped.init(params), params)[1][0]
+    for field in ("mu", "nu"):
+        for leaf in ("a", "b"):
+            np.testing.assert_array_equal(_stored_values(getattr(wrapped_state, field)[leaf]),
+                                          _stored_values(getattr(state, field)[leaf]))
+
+
+class _MuNu(NamedTuple):
+    mu: Any
+    nu: Any
+
+
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_mu_and_nu_noise_streams_are_not_shifted_copies(name):
+    """Both moments are set to values halfway between two levels, so that each
+    element's rounding direction shows one bit of its noise stream. The two
+    streams must agree on about half the elements at every small shift; with the
+    old ``salt + signed`` seed nu's bits were mu's shifted by one (agreement 1)."""
+    n = 64 * 256
+    keep_max = jnp.arange(n) % 256 == 0  # int8: each block's maximum is 1.0
+
+    def halfway(signed):
+        if name == "bfloat16":
+            return 1.0 + 2.0**-8  # between 1 and 1 + 2^-7
+        levels, power = (127, 4) if signed else (255, 8)
+        k = levels * 3 // 4
+        return 0.5 * ((k / levels) ** power + ((k + 1) / levels) ** power)
+
+    values = {s: jnp.where(keep_max, 1.0, jnp.float32(halfway(s))) for s in (True, False)}
+
+    def rule(grad, moments, count):
+        del moments, count
+        return grad, (values[True], values[False])
+
+    tx = jopt.lift.lift(rule, state_class=_MuNu, moments=[
+        jopt.lift.Moment("mu", signed=True), jopt.lift.Moment("nu", signed=False)],
+        state_storage=name)
+    w = jnp.zeros(n)
+    state = jax.jit(tx.update)(w, tx.init(w))[1]
+    codec = storage.resolve_storage(name)
+    up_mu = np.asarray(codec.decode(state.mu) > values[True])
+    up_nu = np.asarray(codec.decode(state.nu) > values[False])
+    real = ~np.asarray(keep_max)
+    assert 0.45 < up_mu[real].mean() < 0.55 and 0.45 < up_nu[real].mean() < 0.55
+    for shift in range(-64, 65):  # mu's element i against nu's element i + shift
+        i = np.arange(max(0, -shift), min(n, n - shift))
+        both = real[i] & real[i + shift]
+        agree = np.mean(up_mu[i][both] == up_nu[i + shift][both])  # sd 0.004 if unrelated
+        assert 0.45 < agree < 0.55, (shift, agree)
+
+
+def test_stream_keys_mix_every_input():
+    # Keys of neighbouring salts, of signed/unsigned and of the two codecs are
+    # unrelated 32-bit numbers (not key + 1); any int is a salt, a traced one is not.
+    keys = {storage._stream_key(codec, signed, salt)
+            for codec in (storage._INT8_STREAM, storage._BF16_STREAM)
+            for signed in (True, False) for salt in (0, 1, 2, -1, 2**32, 2**40 + 1)}
+    assert len(keys) == 2 * 2 * 6
+    differences = {(a - b) % 2**32 for a in keys for b in keys if a != b}
+    assert min(min(d, 2**32 - d) for d in differences) > 2**16
+    with pytest.raises(TypeError):
+        jax.jit(lambda s: INT8.encode(jnp.ones(4096), like=None, signed=True, salt=s))(3)
+
+
+def test_rounding_noise_is_reproducible_across_processes():
+    """Salts come from crc32 of names, not Python's per-process string hash: the
+    same run in a fresh interpreter (another hash seed) stores the same bits."""
+    script = """if True:
+        import hashlib, jax, jax.numpy as jnp, numpy as np, jopt
+        params = {"a": jnp.linspace(-1.0, 1.0, 4096), "b": jnp.linspace(-1.0, 1.0, 4096)}
+        digest = hashlib.sha256()
+        for name in ("int8", "bfloat16"):
+            tx = jopt.adam(1e-3, state_storage=name)
+            state = tx.init(params)
+            for _ in range(3):
+                _, state = jax.jit(tx.update)(params, state, params)
+            for leaf in jax.tree.leaves(state):
+                digest.update(np.asarray(leaf).tobytes())
+        print(digest.hexdigest())
+    """
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True, timeout=300,
+                           env={**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"})
+            .stdout.strip() for seed in ("1", "2")]
+    assert runs[0] == runs[1] and len(runs[0]) == 64
+
+
+class _OldStyleHalf(storage.StateStorage):
+    """A user codec written before ``salt`` existed: ``encode`` does not take it."""
+
+    name = "float16"
+
+    def encode(self, value, *, like, signed):
+        del like, signed
+        return value.astype(jnp.float16)
+
+    def decode(self, stored):
+        return stored.astype(jnp.float32)
+
+
+class _Recording(storage.StateStorage):
+    """Records the salt of every encode (float32 storage)."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.salts = []
+
+    def encode(self, value, *, like, signed, salt=0):
+        del like, signed
+        self.salts.append(salt)
+        return value.astype(jnp.float32)
+
+    def decode(self, stored):
+        return stored
+
+
+def test_old_style_codecs_still_work_and_new_ones_get_a_salt_per_array():
+    params = {"w": jnp.linspace(-1.0, 1.0, 5000), "v": jnp.ones(5000), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: 0.5 * p + 0.25, params)
+    reference = jopt.adam(0.1).update(grads, jopt.adam(0.1).init(params), params)[0]
+    for tx in (jopt.adam(0.1, state_storage=_OldStyleHalf()),
+               storage.with_state_storage(optax.adam(0.1), _OldStyleHalf())):
+        updates, state = tx.update(grads, tx.init(params), params)
+        assert state[0].mu["w"].dtype == jnp.float16
+        for leaf in params:
+            np.testing.assert_allclose(updates[leaf], reference[leaf], rtol=1e-2)
+
+    salts = {}
+    for name in ("jopt", "wrapped"):
+        codec = _Recording()
+        tx = (jopt.adam(0.1, state_storage=codec) if name == "jopt"
+              else storage.with_state_storage(optax.adam(0.1), codec))
+        state = tx.init(params)
+        at_init, codec.salts = codec.salts, []
+        for _ in range(2):
+            _, state = tx.update(grads, state, params)
+        # One salt per leaf and moment, the same at init and at every update.
+        assert len(at_init) == len(set(at_init)) == 2 * len(params)
+        assert sorted(codec.salts) == sorted(2 * at_init)
+        salts[name] = set(at_init)
+    assert salts["jopt"] == salts["wrapped"]  # the wrapper salts state as jopt does
