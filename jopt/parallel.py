@@ -564,6 +564,11 @@ class DataParallel:
         """This device's slice of ``flat`` (inside ``shard_map``), as :meth:`_shard_view`."""
         return take_shard(flat, self._shard_view(flat, {}).layout)
 
+    def _init_local(self, flat: FlatParams) -> Any:
+        """The optimizer state of this device's slice (inside ``shard_map``)."""
+        with storage_lib._shard_of_whole(lax.axis_index(self.axis_name)):
+            return self.optimizer.init(self._local_slice(flat))
+
     def _zero1_state_specs(self, flat: FlatParams) -> Any:
         shard = self._shard_view(flat, {
             d: jax.ShapeDtypeStruct((s // self.num_devices,), d)
@@ -578,7 +583,7 @@ class DataParallel:
 
         def build():
             return jax.jit(jax.shard_map(
-                lambda f: self.optimizer.init(self._local_slice(f)),
+                lambda f: self._init_local(f),
                 mesh=self.mesh, in_specs=P(), out_specs=self._zero1_state_specs(flat)))
 
         return self._memo("init", flat.layout, build)(flat)
@@ -986,7 +991,9 @@ class DataParallel:
         if self.strategy == "zero1":
             grads, residuals = self._reduce_scatter_mean(grads, residuals)
             local = self._local_slice(params)
-            updates, opt_state = self.optimizer.update(grads, opt_state, local)
+            # Each slice draws its own rounding noise for int8/bf16 state.
+            with storage_lib._shard_of_whole(lax.axis_index(self.axis_name)):
+                updates, opt_state = self.optimizer.update(grads, opt_state, local)
             local = optax.apply_updates(local, updates)
             params = FlatParams({
                 d: lax.all_gather(b, self.axis_name, tiled=True, to="invarying")

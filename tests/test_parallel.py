@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,33 @@ def test_zero1_with_int8_state_shards_the_codes(batches):
     # float32-level differences into code flips: close, not identical.
     np.testing.assert_allclose(metrics.loss, ref_metrics.loss, rtol=1e-2)
     assert _max_diff(trainer.params(state), expected) < 0.05
+
+
+class _MuNu(NamedTuple):
+    mu: Any
+    nu: Any
+
+
+def test_zero1_slices_draw_their_own_rounding_noise(batches):
+    # Each device updates its slice with the same optimizer: same salt, same
+    # counter. Moments that ignore the gradient and repeat every 256 values are the
+    # same on every slice, halfway between int8 levels: the slices' codes must still
+    # round independently (they were identical), as the whole buffer's would.
+    def rule(grad, moments, count):
+        del moments, count
+        block_max = jnp.arange(grad.shape[-1]) % 256 == 0
+        mu = jnp.where(block_max, 1.0, 0.6) + 0.0 * grad  # + 0 g: varies over devices
+        return jnp.zeros_like(grad), (mu, mu * mu)
+
+    optimizer = jopt.lift.lift(rule, state_class=_MuNu, moments=[
+        jopt.lift.Moment("mu", signed=True), jopt.lift.Moment("nu", signed=False)],
+        state_storage="int8")
+    one_batch = jax.tree.map(lambda x: x[:1], batches)
+    _, state, _ = _train("zero1", optimizer, one_batch, check_optimizer=False)
+    for field in ("mu", "nu"):
+        codes = np.asarray(getattr(state.opt_state, field).buffers["float32"].codes)
+        slices = codes.reshape(8, -1)
+        assert all(np.mean(slices[0] != other) > 0.2 for other in slices[1:]), field
 
 
 def test_zero1_rejects_non_elementwise_optimizer():

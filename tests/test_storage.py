@@ -638,3 +638,37 @@ def test_old_style_codecs_still_work_and_new_ones_get_a_salt_per_array():
         assert sorted(codec.salts) == sorted(2 * at_init)
         salts[name] = set(at_init)
     assert salts["jopt"] == salts["wrapped"]  # the wrapper salts state as jopt does
+
+
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_slices_encoded_as_shards_draw_the_noise_of_the_whole_array(name):
+    # ZeRO-1 encodes each device's slice of a flat buffer with the same salt and
+    # counter. Inside storage._shard_of_whole a slice draws the noise of its values'
+    # places in the whole array: 8 equal slices round independently, exactly as
+    # the whole array does - not 8 times alike.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    codec = storage.resolve_storage(name)
+    piece = 1.0 + jax.random.uniform(jax.random.key(1), (4096,))  # between levels
+    whole = jnp.tile(piece, 8)  # every slice holds the same values
+    mesh = Mesh(np.array(jax.devices()[:8]), ("i",))
+
+    def encode_slices(shard_aware):
+        def body(x):
+            if not shard_aware:
+                return codec.encode(x, like=x, signed=True)
+            with storage._shard_of_whole(jax.lax.axis_index("i")):
+                return codec.encode(x, like=x, signed=True)
+
+        shapes = jax.eval_shape(lambda x: codec.encode(x, like=x, signed=True), piece)
+        specs = jax.tree.map(lambda s: P() if s.ndim == 0 else P("i"), shapes)
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("i"), out_specs=specs))(whole)
+
+    expected = _stored_values(codec.encode(whole, like=whole, signed=True)).reshape(8, -1)
+    slices = _stored_values(encode_slices(True)).reshape(8, -1)
+    # The same noise; XLA may compile the two programs' float math a little
+    # differently, which moves a value sitting on a rounding threshold (1 of 32768).
+    assert np.mean(slices != expected) < 1e-3
+    assert np.mean(slices[0] != slices[1]) > 0.2
+    alike = _stored_values(encode_slices(False)).reshape(8, -1)  # outside the context
+    np.testing.assert_array_equal(alike, np.broadcast_to(alike[0], alike.shape))
