@@ -566,7 +566,7 @@ class DataParallel:
 
     def _init_local(self, flat: FlatParams) -> Any:
         """The optimizer state of this device's slice (inside ``shard_map``)."""
-        with storage_lib._shard_of_whole(lax.axis_index(self.axis_name)):
+        with storage_lib._shard_of_whole(self.axis_name):
             return self.optimizer.init(self._local_slice(flat))
 
     def _zero1_state_specs(self, flat: FlatParams) -> Any:
@@ -992,7 +992,7 @@ class DataParallel:
             grads, residuals = self._reduce_scatter_mean(grads, residuals)
             local = self._local_slice(params)
             # Each slice draws its own rounding noise for int8/bf16 state.
-            with storage_lib._shard_of_whole(lax.axis_index(self.axis_name)):
+            with storage_lib._shard_of_whole(self.axis_name):
                 updates, opt_state = self.optimizer.update(grads, opt_state, local)
             local = optax.apply_updates(local, updates)
             params = FlatParams({

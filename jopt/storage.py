@@ -306,32 +306,36 @@ def _salt(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-_SHARD_INDEX: contextvars.ContextVar = contextvars.ContextVar("jopt_storage_shard", default=None)
+_SHARD_AXIS: contextvars.ContextVar = contextvars.ContextVar("jopt_storage_shard", default=None)
 
 
 @contextlib.contextmanager
-def _shard_of_whole(index: jax.Array):
-    """Encodes inside are of shard ``index`` of arrays cut into equal contiguous slices.
+def _shard_of_whole(axis_name: str):
+    """Encodes inside are of this device's slice (along mesh axis ``axis_name``) of
+    arrays cut into equal contiguous slices, in device order.
 
     ZeRO-1 (:mod:`jopt.parallel`) updates each device's slice of the flat buffers
     with the same optimizer, so every slice is encoded with the same salt and
-    counter. Inside this context (entered while tracing, ``index`` being
-    ``lax.axis_index``) each value's rounding noise is drawn at its index in the
-    whole array, ``index * size + i``: the slices draw unrelated noise - the noise
-    the unsharded array would draw - instead of the same noise 8 times.
+    counter. Inside this context (entered while tracing inside ``shard_map``) each
+    value's rounding noise is drawn at its index in the whole array,
+    ``axis_index * size + i``: the slices draw unrelated noise - the noise the
+    unsharded array would draw - instead of the same noise 8 times. The context
+    holds the axis *name*, not a traced index: an update that the user wrapped in
+    ``jax.jit`` is cached across traces and must not capture a stale tracer.
     """
-    token = _SHARD_INDEX.set(index)
+    token = _SHARD_AXIS.set(axis_name)
     try:
         yield
     finally:
-        _SHARD_INDEX.reset(token)
+        _SHARD_AXIS.reset(token)
 
 
 def _shard_offset(size: int) -> Any:
     """Index in the whole array of the first element of this ``size``-value shard."""
-    index = _SHARD_INDEX.get()
-    if index is None:
+    axis_name = _SHARD_AXIS.get()
+    if axis_name is None:
         return 0
+    index = jax.lax.axis_index(axis_name)
     return jnp.asarray(index, jnp.uint32) * jnp.uint32(size)
 
 

@@ -153,6 +153,20 @@ def test_zero1_slices_draw_their_own_rounding_noise(batches):
         assert all(np.mean(slices[0] != other) > 0.2 for other in slices[1:]), field
 
 
+def test_zero1_traces_a_jitted_optimizer_update_again(batches):
+    # An update the user jitted is cached across traces: the slice's place in the
+    # buffer must come from the axis name at trace time, not from a tracer captured
+    # by the first trace (an epoch of another length traces the step again).
+    inner = jopt.adam(1e-3, state_storage="int8")
+    optimizer = optax.GradientTransformation(inner.init, jax.jit(inner.update))
+    trainer = DataParallel(_loss_fn, optimizer, strategy="zero1", check_optimizer=False)
+    state = trainer.init(_init_params())
+    for steps in (2, 1):
+        state, _ = trainer.train_epoch(state, jax.tree.map(lambda x: x[:steps], batches))
+    codes = np.asarray(state.opt_state[0].mu.buffers["float32"].codes).reshape(8, -1)
+    assert np.mean(codes[0] != codes[1]) > 0.5  # the slices hold different values
+
+
 def test_zero1_rejects_non_elementwise_optimizer():
     optimizer = optax.chain(jopt.clip_by_global_norm(1.0), jopt.adam(1e-3))
     with pytest.raises(ValueError, match="must be elementwise.*clip_by_global_norm"):
