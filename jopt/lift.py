@@ -173,16 +173,26 @@ def lift(
     )
 
     def encode(codec, value, like, moment, i):
-        # Each moment of each leaf (i: its place in the flattened tree) gets its own
-        # salt, hence its own rounding noise: same-shaped leaves (a stack of equal
-        # layers) and a leaf's mu and nu would otherwise round alike at every step.
-        # with_state_storage names state the same way ("mu/0"), so wrapping
+        # Each moment of each leaf (i: its place in the whole params tree) gets its
+        # own salt, hence its own rounding noise: same-shaped leaves (a stack of
+        # equal layers) and a leaf's mu and nu would otherwise round alike at every
+        # step. with_state_storage names state the same way ("mu/0"), so wrapping
         # optax.adam gives the bits of jopt.adam.
         return storage_lib._encode(codec, value, like=like, signed=moment.signed,
                                    salt=storage_lib._salt(f"{moment.name}/{i}"))
 
+    def places(tree):
+        # Leaves' places in the whole params tree: optax.masked and multi_transform
+        # hand this transformation MaskedNode for the other groups' leaves, which a
+        # flatten drops; counted here, so that two groups (one optimizer per layer)
+        # do not number their leaves from 0 alike and round alike.
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        whole = jax.tree.leaves(tree, is_leaf=is_masked)
+        return [j for j, x in enumerate(whole) if not is_masked(x)]
+
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
+        place = places(params)
 
         def init_leaf(param, moment, codec, i):
             param = jnp.asarray(param)
@@ -191,7 +201,7 @@ def lift(
             return encode(codec, value, param, moment, i)
 
         state = {
-            m.name: treedef.unflatten([init_leaf(p, m, c, i) for i, p in enumerate(leaves)])
+            m.name: treedef.unflatten([init_leaf(p, m, c, j) for p, j in zip(leaves, place)])
             for m, c in zip(moments, codecs)
         }
         if with_count:
@@ -202,6 +212,7 @@ def lift(
         del params
         stored = [check_tree_match(updates, getattr(state, m.name), name) for m in moments]
         grads, treedef = jax.tree.flatten(updates)
+        place = places(updates)
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]
@@ -214,7 +225,7 @@ def lift(
             for column, moment, codec, value, old in zip(
                 new_moments, moments, codecs, values, previous
             ):
-                column.append(encode(codec, value, old, moment, i))
+                column.append(encode(codec, value, old, moment, place[i]))
         new_state = {
             m.name: treedef.unflatten(column) for m, column in zip(moments, new_moments)
         }

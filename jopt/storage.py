@@ -61,7 +61,11 @@ random bits come from a hash of (element index, an encode counter kept in the
 state, a per-array salt), so no PRNG key is needed and runs are reproducible.
 The salt gives each stored array its own noise stream: jopt passes
 ``encode(..., salt=)`` a crc32 of the moment's name and the leaf's place in the
-tree (``"mu/3"``). Without it, leaves of one shape (a stack of identical
+whole params tree (``"mu/3"``; leaves that ``optax.masked`` or ``multi_transform``
+hide from one group count too, so per-layer optimizers differ). Two
+transformations chained on the same leaves with a moment of the same name (two
+``nu``) share a stream; their values differ, so only their rounding draws agree.
+Without the salt, leaves of one shape (a stack of identical
 transformer layers) drew the same bits at every step, so where their values
 agreed they rounded the same way: errors that should average out across layers
 added up like one error. A leaf's ``nu`` drew ``mu``'s bits shifted by one
@@ -373,7 +377,8 @@ class StateStorage(abc.ABC):
     the parameter at ``init``, the previously stored value at ``update`` (codecs
     with stochastic rounding read their counter from it). ``salt`` (a static
     Python int) tells the arrays of one state apart: jopt passes a different one
-    for each leaf and moment, the same at every step, and a codec that rounds
+    for each leaf and moment (see the module docstring for the one exception), the
+    same at every step, and a codec that rounds
     randomly must draw unrelated noise for different salts (see the module
     docstring). Codecs written without a ``salt`` parameter still work: jopt
     passes it only to an ``encode`` that accepts it. ``decode`` returns the state
@@ -770,7 +775,8 @@ def with_state_storage(
     ``state_storage``) is passed to it as it is, so its rounding counter advances.
     Each encoded array draws its own rounding noise, salted by its field name and
     its leaf's place in the params as jopt's optimizers salt theirs (``"mu/0"``):
-    wrapping ``optax.adam`` gives the state of ``jopt.adam``, bit for bit.
+    wrapping ``optax.adam`` gives the state of ``jopt.adam``, bit for bit (float32
+    params; optax keeps the moments of bfloat16 params in bfloat16).
 
     Args:
       inner: any optax (or jopt) transformation.

@@ -672,3 +672,29 @@ def test_slices_encoded_as_shards_draw_the_noise_of_the_whole_array(name):
     assert np.mean(slices[0] != slices[1]) > 0.2
     alike = _stored_values(encode_slices(False)).reshape(8, -1)  # outside the context
     np.testing.assert_array_equal(alike, np.broadcast_to(alike[0], alike.shape))
+
+
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_optimizer_per_layer_groups_round_independently(name):
+    # Layer-wise settings (multi_transform, masked) hand each inner optimizer
+    # MaskedNode for the other groups' leaves; the leaves keep their places in the
+    # whole tree for their salts, so group "a"'s layer and group "b"'s same-shaped
+    # layer do not round alike (both were leaf 0 of their group).
+    x = jax.random.normal(jax.random.key(0), (64, 128))
+    params = {"l0": x, "l1": x}
+    grads = {"l0": jnp.cos(7.0 * x), "l1": jnp.cos(7.0 * x)}
+    tx = optax.multi_transform({"a": jopt.adam(1e-3, state_storage=name),
+                                "b": jopt.adam(5e-4, state_storage=name)},
+                               {"l0": "a", "l1": "b"})
+    state = jax.jit(tx.update)(grads, tx.init(params), params)[1]
+    a = state.inner_states["a"].inner_state[0].mu["l0"]
+    b = state.inner_states["b"].inner_state[0].mu["l1"]
+    assert np.mean(_stored_values(a) != _stored_values(b)) > 0.2
+    # optax.masked(jopt.adam) draws the noise of the wrapper around optax.masked(optax.adam).
+    mask = {"l0": False, "l1": True}
+    ours = optax.masked(jopt.adam(1e-3, state_storage=name), mask)
+    wrapped = storage.with_state_storage(optax.masked(optax.adam(1e-3), mask), name)
+    mu_ours = jax.jit(ours.update)(grads, ours.init(params), params)[1].inner_state[0].mu["l1"]
+    mu_wrapped = jax.jit(wrapped.update)(grads, wrapped.init(params), params)[1]
+    np.testing.assert_array_equal(_stored_values(mu_ours),
+                                  _stored_values(mu_wrapped.inner_state[0].mu["l1"]))
