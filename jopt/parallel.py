@@ -365,11 +365,20 @@ def _decode(leaf: Any) -> jax.Array:
     return storage_lib.Int8BlockStorage().decode(leaf) if _is_quantized(leaf) else leaf
 
 
-def _encode_like(value: jax.Array, like: Any) -> Any:
-    """Stores ``value`` the way ``like`` (a state leaf or its shape) is stored."""
+def _encode_like(value: jax.Array, like: Any, step: Any = None) -> Any:
+    """Stores ``value`` the way ``like`` (a state leaf or its shape) is stored.
+
+    ``value`` holds decoded int8 state (every value on a level), so its codes come
+    back as they were; ``step`` restores the encode counter that seeds the
+    rounding noise, so that a resumed run draws the noise the interrupted one
+    would have drawn (re-encoding starts the counter at 0).
+    """
     if _is_quantized(like):
-        return storage_lib.Int8BlockStorage(min_size=0).encode(
+        encoded = storage_lib.Int8BlockStorage(min_size=0).encode(
             value, like=value, signed=like.signed)
+        if step is not None:
+            encoded = dataclasses.replace(encoded, step=jnp.asarray(step, jnp.uint32))
+        return encoded
     return value.astype(like.dtype)
 
 
@@ -743,10 +752,12 @@ class DataParallel:
             gathered = jax.shard_map(gather, mesh=self.mesh, in_specs=(specs,),
                                      out_specs=P())(opt_state)
             leaves, _ = jax.tree.flatten(gathered, is_leaf=_is_quantized)
+            steps = [x.step if _is_quantized(x) else None
+                     for x in jax.tree.leaves(opt_state, is_leaf=_is_quantized)]
             like, treedef = jax.tree.flatten(canonical, is_leaf=_is_quantized)
             return treedef.unflatten([
-                _encode_like(x[: like_leaf.shape[0]] if jnp.ndim(x) else x, like_leaf)
-                for x, like_leaf in zip(leaves, like)])
+                _encode_like(x[: like_leaf.shape[0]] if jnp.ndim(x) else x, like_leaf, step)
+                for x, like_leaf, step in zip(leaves, like, steps)])
 
         return jax.jit(to_canonical)
 
@@ -803,7 +814,8 @@ class DataParallel:
                 window = lax.dynamic_slice_in_dim(padded, start, size)
                 valid = (start + jnp.arange(size)) < full.shape[0]
                 valid = valid.reshape((size,) + (1,) * (value.ndim - 1))
-                out.append(_encode_like(jnp.where(valid, window.astype(value.dtype), value), old))
+                out.append(_encode_like(jnp.where(valid, window.astype(value.dtype), value), old,
+                                        new.step if _is_quantized(new) else None))
             return treedef.unflatten(out)
 
         placed = self._memo("from_canonical", fresh.params.layout, lambda: jax.jit(
