@@ -7,8 +7,9 @@ pinned by the SHA-512 the registry publishes for it (its ``dist.integrity``); th
 tests then check each file against the SHA-256s ``jopt.data`` pins for MNIST.
 
 Usage: ``python3 .ci/fetch_mnist.py DIR`` - writes DIR's four files (atomically: a
-temporary directory renamed into place) unless DIR already exists. Standard library
-only, so it runs before the virtual environment exists.
+temporary directory renamed into place) unless DIR already holds all four; a DIR
+with some missing (made by hand, or by another script) is replaced. Standard
+library only, so it runs before the virtual environment exists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import io
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -30,8 +32,8 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def fetch(directory: str) -> None:
-    if os.path.isdir(directory):
-        return
+    if all(os.path.isfile(os.path.join(directory, name)) for name in FILES):
+        return  # the tests check the files' SHA-256s
     with urllib.request.urlopen(URL, timeout=120) as response:
         tarball = response.read()
     digest = base64.b64encode(hashlib.sha512(tarball).digest()).decode()
@@ -47,6 +49,8 @@ def fetch(directory: str) -> None:
                 member = archive.extractfile(f"package/data/{name}")
                 with open(os.path.join(staging, name), "wb") as out:
                     out.write(member.read())
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)  # incomplete
         os.rename(staging, directory)
 
 

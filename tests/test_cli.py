@@ -242,8 +242,9 @@ def test_truncated_metrics_line_is_dropped_and_a_damaged_one_named(trained, tmp_
 CI_MNIST = pathlib.Path(__file__).parents[1] / ".ci" / "data" / "mnist"
 
 
-@pytest.mark.skipif(not CI_MNIST.is_dir(),
-                    reason=f"{CI_MNIST} is missing: run python3 .ci/fetch_mnist.py {CI_MNIST}")
+@pytest.mark.skipif(
+    not all((CI_MNIST / name.removesuffix(".gz")).is_file() for name in data.DATASETS["mnist"].files),
+    reason=f"{CI_MNIST} is missing: run python3 .ci/fetch_mnist.py {CI_MNIST}")
 def test_reference_recipe_reaches_97_percent_on_real_mnist(tmp_path, monkeypatch):
     import hashlib
 
