@@ -368,13 +368,15 @@ def _decode(leaf: Any) -> jax.Array:
 def _encode_like(value: jax.Array, like: Any, step: Any = None) -> Any:
     """Stores ``value`` the way ``like`` (a state leaf or its shape) is stored.
 
-    ``value`` holds decoded int8 state (every value on a level), so its codes come
-    back as they were; ``step`` restores the encode counter that seeds the
-    rounding noise, so that a resumed run draws the noise the interrupted one
-    would have drawn (re-encoding starts the counter at 0).
+    ``value`` holds decoded int8 state: every value is on a level, give or take
+    the float rounding of ``value / scale``, so rounding to the *nearest* level
+    gives the codes back as they were (stochastic rounding moved a few per
+    million to the level below). ``step`` restores the encode counter that seeds
+    the rounding noise, so that a resumed run draws the noise the interrupted
+    one would have drawn (re-encoding starts the counter at 0).
     """
     if _is_quantized(like):
-        encoded = storage_lib.Int8BlockStorage(min_size=0).encode(
+        encoded = storage_lib.Int8BlockStorage(min_size=0, stochastic_rounding=False).encode(
             value, like=value, signed=like.signed)
         if step is not None:
             encoded = dataclasses.replace(encoded, step=jnp.asarray(step, jnp.uint32))
