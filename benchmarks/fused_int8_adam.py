@@ -59,7 +59,7 @@ def _encode(x, signed, index, step):
     lo = S._power(low * (1.0 / levels), power)
     hi = S._power((low + 1) * (1.0 / levels), power)
     # jopt.adam's noise stream for this moment of the (single) leaf.
-    key = S._stream_key(S._INT8_STREAM, signed, S._salt("mu/0" if signed else "nu/0"))
+    key = S._stream_key(S._INT8_STREAM, signed, S._salt("mu" if signed else "nu"))
     bits = S._hash_bits(index, step, key) >> 8
     uniform = jax.lax.bitcast_convert_type(bits, jnp.int32).astype(jnp.float32)
     up = uniform * (2.0**-24 * (hi - lo)) < mag - lo

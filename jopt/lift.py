@@ -172,27 +172,25 @@ def lift(
         for m in moments
     )
 
-    def encode(codec, value, like, moment, i):
-        # Each moment of each leaf (i: its place in the whole params tree) gets its
-        # own salt, hence its own rounding noise: same-shaped leaves (a stack of
-        # equal layers) and a leaf's mu and nu would otherwise round alike at every
-        # step. with_state_storage names state the same way ("mu/0"), so wrapping
-        # optax.adam gives the bits of jopt.adam.
+    def encode(codec, value, like, moment, leaf):
+        # Each moment of each leaf gets its own salt, hence its own rounding noise:
+        # same-shaped leaves (a stack of equal layers) and a leaf's mu and nu would
+        # otherwise round alike at every step. ``leaf`` is the leaf's key path in
+        # the params tree ("['hidden_0']['kernel']"): under optax.masked and
+        # multi_transform (MaskedNode in place of the other groups' leaves, or of
+        # whole subtrees for a prefix mask) it still names the leaf, so one
+        # optimizer per layer does not round every layer alike. with_state_storage
+        # names state the same way, so wrapping optax.adam gives the bits of jopt.adam.
         return storage_lib._encode(codec, value, like=like, signed=moment.signed,
-                                   salt=storage_lib._salt(f"{moment.name}/{i}"))
+                                   salt=storage_lib._salt(f"{moment.name}{leaf}"))
 
-    def places(tree):
-        # Leaves' places in the whole params tree: optax.masked and multi_transform
-        # hand this transformation MaskedNode for the other groups' leaves, which a
-        # flatten drops; counted here, so that two groups (one optimizer per layer)
-        # do not number their leaves from 0 alike and round alike.
-        is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-        whole = jax.tree.leaves(tree, is_leaf=is_masked)
-        return [j for j, x in enumerate(whole) if not is_masked(x)]
+    def leaf_names(tree):
+        return [jax.tree_util.keystr(path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        place = places(params)
+        place = leaf_names(params)
 
         def init_leaf(param, moment, codec, i):
             param = jnp.asarray(param)
@@ -212,7 +210,7 @@ def lift(
         del params
         stored = [check_tree_match(updates, getattr(state, m.name), name) for m in moments]
         grads, treedef = jax.tree.flatten(updates)
-        place = places(updates)
+        place = leaf_names(updates)
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]

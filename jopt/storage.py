@@ -60,9 +60,9 @@ block's common decay ``v ← βv`` is carried exactly by its float32 scale. The
 random bits come from a hash of (element index, an encode counter kept in the
 state, a per-array salt), so no PRNG key is needed and runs are reproducible.
 The salt gives each stored array its own noise stream: jopt passes
-``encode(..., salt=)`` a crc32 of the moment's name and the leaf's place in the
-whole params tree (``"mu/3"``; leaves that ``optax.masked`` or ``multi_transform``
-hide from one group count too, so per-layer optimizers differ). Two
+``encode(..., salt=)`` a crc32 of the moment's name and the leaf's key path in
+the params tree (``"mu['hidden_0']['kernel']"``; under ``optax.masked`` or
+``multi_transform`` a leaf keeps its path, so per-layer optimizers differ). Two
 transformations chained on the same leaves with a moment of the same name (two
 ``nu``) share a stream; their values differ, so only their rounding draws agree.
 Without the salt, leaves of one shape (a stack of identical
@@ -341,6 +341,13 @@ def _shard_offset(size: int) -> Any:
         return 0
     index = jax.lax.axis_index(axis_name)
     return jnp.asarray(index, jnp.uint32) * jnp.uint32(size)
+
+
+def _leaf_names(treedef: Any) -> list[str]:
+    """The key path (``keystr``) of each leaf of ``treedef``: its name in salts."""
+    dummy = treedef.unflatten(range(treedef.num_leaves))
+    return [jax.tree_util.keystr(path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -774,7 +781,7 @@ def with_state_storage(
     ``inner`` already stores encoded (a jopt optimizer given its own
     ``state_storage``) is passed to it as it is, so its rounding counter advances.
     Each encoded array draws its own rounding noise, salted by its field name and
-    its leaf's place in the params as jopt's optimizers salt theirs (``"mu/0"``):
+    its leaf's key path as jopt's optimizers salt theirs (``"mu['w']"``):
     wrapping ``optax.adam`` gives the state of ``jopt.adam``, bit for bit (float32
     params; optax keeps the moments of bfloat16 params in bfloat16).
 
@@ -836,12 +843,13 @@ def with_state_storage(
         signed = not is_nonnegative(path, signed_paths)
         values = treedef.flatten_up_to(node)
         likes = treedef.flatten_up_to(like)
+        leaves = _leaf_names(treedef)
         out = [
-            _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}/{i}"))
+            _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}{leaf}"))
             if not isinstance(v, EncodedArray) and _stored_shape(v) is not None
             and jnp.issubdtype(v.dtype, jnp.inexact)
             else v  # counts, masks, and state that ``inner`` already stores encoded
-            for i, (v, l) in enumerate(zip(values, likes))
+            for v, l, leaf in zip(values, likes, leaves)
         ]
         return treedef.unflatten(out)
 

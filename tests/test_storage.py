@@ -677,9 +677,10 @@ def test_slices_encoded_as_shards_draw_the_noise_of_the_whole_array(name):
 @pytest.mark.parametrize("name", ["int8", "bfloat16"])
 def test_optimizer_per_layer_groups_round_independently(name):
     # Layer-wise settings (multi_transform, masked) hand each inner optimizer
-    # MaskedNode for the other groups' leaves; the leaves keep their places in the
-    # whole tree for their salts, so group "a"'s layer and group "b"'s same-shaped
-    # layer do not round alike (both were leaf 0 of their group).
+    # MaskedNode for the other groups' leaves (or whole subtrees, for labels that
+    # are a prefix of the params); a leaf's salt is its key path, so group "a"'s
+    # layer and group "b"'s same-shaped layer do not round alike (both were leaf 0
+    # of their group).
     x = jax.random.normal(jax.random.key(0), (64, 128))
     params = {"l0": x, "l1": x}
     grads = {"l0": jnp.cos(7.0 * x), "l1": jnp.cos(7.0 * x)}
@@ -688,6 +689,15 @@ def test_optimizer_per_layer_groups_round_independently(name):
                                {"l0": "a", "l1": "b"})
     state = jax.jit(tx.update)(grads, tx.init(params), params)[1]
     a = state.inner_states["a"].inner_state[0].mu["l0"]
+    b = state.inner_states["b"].inner_state[0].mu["l1"]
+    assert np.mean(_stored_values(a) != _stored_values(b)) > 0.2
+    nested = {"l0": {"w": x, "v": x}, "l1": x}  # labels a prefix of the params
+    tx = optax.multi_transform({"a": jopt.adam(1e-3, state_storage=name),
+                                "b": jopt.adam(5e-4, state_storage=name)},
+                               {"l0": "a", "l1": "b"})
+    g = jax.tree.map(lambda p: jnp.cos(7.0 * p), nested)
+    state = jax.jit(tx.update)(g, tx.init(nested), nested)[1]
+    a = state.inner_states["a"].inner_state[0].mu["l0"]["w"]
     b = state.inner_states["b"].inner_state[0].mu["l1"]
     assert np.mean(_stored_values(a) != _stored_values(b)) > 0.2
     # optax.masked(jopt.adam) draws the noise of the wrapper around optax.masked(optax.adam).
