@@ -577,14 +577,15 @@ class DataParallel:
 
     def _init_local(self, flat: FlatParams) -> Any:
         """The optimizer state of this device's slice (inside ``shard_map``)."""
-        with storage_lib._shard_of_whole(self.axis_name):
+        with storage_lib._shard_of_whole(self.axis_name, self.num_devices):
             return self.optimizer.init(self._local_slice(flat))
 
     def _zero1_state_specs(self, flat: FlatParams) -> Any:
         shard = self._shard_view(flat, {
             d: jax.ShapeDtypeStruct((s // self.num_devices,), d)
             for d, s in zip(flat.layout.dtypes, flat.layout.sizes)})
-        shapes = jax.eval_shape(self.optimizer.init, shard)
+        with storage_lib._shard_of_whole(None, self.num_devices):  # stored as in shard_map
+            shapes = jax.eval_shape(self.optimizer.init, shard)
         return jax.tree.map(lambda x: _sharded_spec(x, self.axis_name), shapes)
 
     def _zero1_init(self, flat: FlatParams) -> Any:
@@ -1006,7 +1007,7 @@ class DataParallel:
             grads, residuals = self._reduce_scatter_mean(grads, residuals)
             local = self._local_slice(params)
             # Each slice draws its own rounding noise for int8/bf16 state.
-            with storage_lib._shard_of_whole(self.axis_name):
+            with storage_lib._shard_of_whole(self.axis_name, self.num_devices):
                 updates, opt_state = self.optimizer.update(grads, opt_state, local)
             local = optax.apply_updates(local, updates)
             params = FlatParams({

@@ -310,36 +310,46 @@ def _salt(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-_SHARD_AXIS: contextvars.ContextVar = contextvars.ContextVar("jopt_storage_shard", default=None)
+_SHARDS: contextvars.ContextVar = contextvars.ContextVar("jopt_storage_shards", default=None)
 
 
 @contextlib.contextmanager
-def _shard_of_whole(axis_name: str):
-    """Encodes inside are of this device's slice (along mesh axis ``axis_name``) of
-    arrays cut into equal contiguous slices, in device order.
+def _shard_of_whole(axis_name: str | None, num_shards: int):
+    """Encodes inside are of one of ``num_shards`` equal contiguous slices of each
+    array, the slice of this device along mesh axis ``axis_name``.
 
     ZeRO-1 (:mod:`jopt.parallel`) updates each device's slice of the flat buffers
     with the same optimizer, so every slice is encoded with the same salt and
     counter. Inside this context (entered while tracing inside ``shard_map``) each
     value's rounding noise is drawn at its index in the whole array,
     ``axis_index * size + i``: the slices draw unrelated noise - the noise the
-    unsharded array would draw - instead of the same noise 8 times. The context
-    holds the axis *name*, not a traced index: an update that the user wrapped in
-    ``jax.jit`` is cached across traces and must not capture a stale tracer.
+    unsharded array would draw - instead of the same noise 8 times. And the int8
+    codec's ``min_size`` is compared with the whole array's size, so a slice is
+    stored as the whole buffer would be (a checkpoint, which holds the whole
+    buffer, stores it the same way). ``axis_name=None`` (shape evaluation outside
+    ``shard_map``) applies the size rule only. The context holds the axis *name*,
+    not a traced index: an update that the user wrapped in ``jax.jit`` is cached
+    across traces and must not capture a stale tracer.
     """
-    token = _SHARD_AXIS.set(axis_name)
+    token = _SHARDS.set((axis_name, int(num_shards)))
     try:
         yield
     finally:
-        _SHARD_AXIS.reset(token)
+        _SHARDS.reset(token)
+
+
+def _whole_size(size: int) -> int:
+    """The size of the array that this ``size``-value array is a slice of."""
+    shards = _SHARDS.get()
+    return size if shards is None else size * shards[1]
 
 
 def _shard_offset(size: int) -> Any:
     """Index in the whole array of the first element of this ``size``-value shard."""
-    axis_name = _SHARD_AXIS.get()
-    if axis_name is None:
+    shards = _SHARDS.get()
+    if shards is None or shards[0] is None:
         return 0
-    index = jax.lax.axis_index(axis_name)
+    index = jax.lax.axis_index(shards[0])
     return jnp.asarray(index, jnp.uint32) * jnp.uint32(size)
 
 
@@ -608,7 +618,8 @@ class Int8BlockStorage(StateStorage):
         self.stochastic_rounding = stochastic_rounding
 
     def encode(self, value, *, like, signed, salt=0):
-        if value.size == 0 or value.size < self.min_size or jnp.iscomplexobj(value):
+        if (value.size == 0 or _whole_size(value.size) < self.min_size
+                or jnp.iscomplexobj(value)):
             return value.astype(compute_dtype(value.dtype))
         return _quantize(value, signed, _next_step(like), self.stochastic_rounding, salt)
 

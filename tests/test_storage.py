@@ -657,7 +657,7 @@ def test_slices_encoded_as_shards_draw_the_noise_of_the_whole_array(name):
         def body(x):
             if not shard_aware:
                 return codec.encode(x, like=x, signed=True)
-            with storage._shard_of_whole("i"):
+            with storage._shard_of_whole("i", 8):
                 return codec.encode(x, like=x, signed=True)
 
         shapes = jax.eval_shape(lambda x: codec.encode(x, like=x, signed=True), piece)
