@@ -594,7 +594,8 @@ class Int8BlockStorage(StateStorage):
     """Block-wise 8-bit state (Dettmers et al. 2021); small arrays stay float32.
 
     Args:
-      min_size: arrays with fewer values are stored in float32.
+      min_size: arrays with fewer values are stored in float32 (under ZeRO-1 the
+        whole buffer's size counts, not one device's slice of it).
       stochastic_rounding: round stochastically (default; unbiased, see the module
         docstring) or to the nearest level.
 
