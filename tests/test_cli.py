@@ -257,7 +257,7 @@ def test_reference_recipe_reaches_97_percent_on_real_mnist(tmp_path, monkeypatch
     monkeypatch.setenv("JOPT_DATA_DIR", str(CI_MNIST))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", ())
-    # The README's main job, whole: configs/default.py (Adam 1e-3, batch 128, 5 epochs).
+    # The reference recipe, unchanged: configs/default.py (Adam 1e-3, batch 128, 5 epochs).
     assert cli.main(["train", "--config", DEFAULT_CONFIG, "--workdir", str(tmp_path / "w")]) == 0
     records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
