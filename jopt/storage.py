@@ -737,6 +737,39 @@ def _stored_shape(x: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _masked_or_encoded(x: Any) -> bool:
+    return isinstance(x, (optax.MaskedNode, EncodedArray))
+
+
+def _aligned(treedef: Any, node: Any) -> tuple[list, Callable[[list], Any]]:
+    """``node``'s parts, one per leaf of the params ``treedef``, and the function
+    that puts new parts back into ``node``'s own structure.
+
+    ``optax.masked`` / ``multi_transform`` with a mask that is a *prefix* of the
+    params keep a single ``MaskedNode`` for a whole masked-out subtree; here it
+    stands for each of that subtree's leaves (and is kept as it is on the way
+    back). Raises ``ValueError`` / ``TypeError`` if ``node`` is not laid out like
+    the params.
+    """
+    try:
+        return treedef.flatten_up_to(node), treedef.unflatten
+    except (ValueError, TypeError):
+        if not any(isinstance(x, optax.MaskedNode)
+                   for x in jax.tree.leaves(node, is_leaf=_masked_or_encoded)):
+            raise
+    slots = treedef.unflatten(range(treedef.num_leaves))
+    expanded = jax.tree.map(
+        lambda n, sub: jax.tree.map(lambda _: n, sub) if isinstance(n, optax.MaskedNode) else n,
+        node, slots, is_leaf=_masked_or_encoded)
+
+    def rebuild(parts):
+        new = treedef.unflatten(parts)
+        return jax.tree.map(lambda n, sub: n if isinstance(n, optax.MaskedNode) else sub,
+                            node, new, is_leaf=_masked_or_encoded)
+
+    return treedef.flatten_up_to(expanded), rebuild
+
+
 def _params_like(treedef: Any, shapes: list) -> Callable[[Any], bool]:
     """A predicate: is a (state) subtree laid out like the params?
 
@@ -747,7 +780,7 @@ def _params_like(treedef: Any, shapes: list) -> Callable[[Any], bool]:
 
     def predicate(node):
         try:
-            parts = treedef.flatten_up_to(node)
+            parts, _ = _aligned(treedef, node)
         except (ValueError, TypeError):
             return False
         found = False
@@ -775,7 +808,9 @@ def with_state_storage(
 
     ``inner``'s state is kept encoded between steps: every subtree of it laid out
     like the params (same structure, each leaf of its parameter's shape - e.g. the
-    ``mu`` and ``nu`` of ``optax.adam``) has its floating arrays encoded by
+    ``mu`` and ``nu`` of ``optax.adam``; under ``optax.masked`` or
+    ``multi_transform`` a ``MaskedNode`` may stand for a leaf or, with a mask that
+    is a prefix of the params, a whole subtree) has its floating arrays encoded by
     ``storage``; everything else (step counts, hyper-parameters, factored
     statistics of another shape) is left as it is. ``update`` decodes the state to
     (at least) float32, calls ``inner.update``, and encodes the new state; the
@@ -853,8 +888,8 @@ def with_state_storage(
 
     def encode_subtree(path, node, like, treedef, signed_paths, names):
         signed = not is_nonnegative(path, signed_paths)
-        values = treedef.flatten_up_to(node)
-        likes = treedef.flatten_up_to(like)
+        values, rebuild = _aligned(treedef, node)
+        likes, _ = _aligned(treedef, like)
         leaves = _leaf_names(treedef)
         out = [
             _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}{leaf}"))
@@ -863,21 +898,22 @@ def with_state_storage(
             else v  # counts, masks, and state that ``inner`` already stores encoded
             for v, l, leaf in zip(values, likes, leaves)
         ]
-        return treedef.unflatten(out)
+        return rebuild(out)
 
     def decode_subtree(node, own, treedef):
         # ``own``: inner's state as inner itself lays it out; where inner stores a
         # value encoded (a jopt optimizer given its own state_storage), inner also
         # decodes it, and needs the stored form (its rounding counter) back.
+        values, rebuild = _aligned(treedef, node)
         out = [
             v if isinstance(o, EncodedArray)
             else codec.decode(v)
             if isinstance(v, EncodedArray)
             or (_stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact))
             else v
-            for v, o in zip(treedef.flatten_up_to(node), treedef.flatten_up_to(own))
+            for v, o in zip(values, _aligned(treedef, own)[0])
         ]
-        return treedef.unflatten(out)
+        return rebuild(out)
 
     def matcher(treedef, shapes):
         like_params = _params_like(treedef, shapes)

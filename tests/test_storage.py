@@ -708,3 +708,30 @@ def test_optimizer_per_layer_groups_round_independently(name):
     mu_wrapped = jax.jit(wrapped.update)(grads, wrapped.init(params), params)[1]
     np.testing.assert_array_equal(_stored_values(mu_ours),
                                   _stored_values(mu_wrapped.inner_state[0].mu["l1"]))
+
+
+@pytest.mark.parametrize("mask", [{"a": False, "b": True}, lambda p: {"a": False, "b": True}],
+                         ids=["prefix_mask", "callable_prefix_mask"])
+def test_wrapper_encodes_state_under_a_prefix_mask(mask):
+    # optax.masked with a mask that is a prefix of the params keeps one MaskedNode
+    # for the whole masked-out subtree "a": the wrapper left such state in float32
+    # (8 bytes a parameter, silently). It is encoded, and equals jopt's own.
+    x = jax.random.normal(jax.random.key(0), (64, 128))
+    params = {"a": {"x": x, "y": x}, "b": x}
+    grads = jax.tree.map(lambda p: jnp.cos(7.0 * p), params)
+    wrapped = storage.with_state_storage(optax.masked(optax.adam(1e-3), mask), "int8")
+    ours = optax.masked(jopt.adam(1e-3, state_storage="int8"), mask)
+    state = wrapped.init(params)
+    for _ in range(2):
+        updates, state = jax.jit(wrapped.update)(grads, state, params)
+    expected = ours.init(params)
+    for _ in range(2):
+        expected_updates, expected = jax.jit(ours.update)(grads, expected, params)
+    adam, reference = state.inner_state[0], expected.inner_state[0]
+    assert isinstance(adam.mu["a"], optax.MaskedNode)
+    for field in ("mu", "nu"):
+        assert isinstance(getattr(adam, field)["b"], storage.QuantizedArray)
+        np.testing.assert_array_equal(_stored_values(getattr(adam, field)["b"]),
+                                      _stored_values(getattr(reference, field)["b"]))
+    np.testing.assert_array_equal(updates["a"]["x"], grads["a"]["x"])  # masked: passed through
+    np.testing.assert_allclose(updates["b"], expected_updates["b"], rtol=1e-5, atol=1e-8)
