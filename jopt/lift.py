@@ -190,16 +190,16 @@ def lift(
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        place = leaf_names(params)
+        names = leaf_names(params)
 
-        def init_leaf(param, moment, codec, i):
+        def init_leaf(param, moment, codec, leaf):
             param = jnp.asarray(param)
             value = jnp.full(param.shape, moment.initial_value,
                              storage_lib.compute_dtype(param.dtype))
-            return encode(codec, value, param, moment, i)
+            return encode(codec, value, param, moment, leaf)
 
         state = {
-            m.name: treedef.unflatten([init_leaf(p, m, c, j) for p, j in zip(leaves, place)])
+            m.name: treedef.unflatten([init_leaf(p, m, c, n) for p, n in zip(leaves, names)])
             for m, c in zip(moments, codecs)
         }
         if with_count:
@@ -210,7 +210,7 @@ def lift(
         del params
         stored = [check_tree_match(updates, getattr(state, m.name), name) for m in moments]
         grads, treedef = jax.tree.flatten(updates)
-        place = leaf_names(updates)
+        names = leaf_names(updates)
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]
@@ -223,7 +223,7 @@ def lift(
             for column, moment, codec, value, old in zip(
                 new_moments, moments, codecs, values, previous
             ):
-                column.append(encode(codec, value, old, moment, place[i]))
+                column.append(encode(codec, value, old, moment, names[i]))
         new_state = {
             m.name: treedef.unflatten(column) for m, column in zip(moments, new_moments)
         }
