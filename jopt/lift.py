@@ -184,13 +184,9 @@ def lift(
         return storage_lib._encode(codec, value, like=like, signed=moment.signed,
                                    salt=storage_lib._salt(f"{moment.name}{leaf}"))
 
-    def leaf_names(tree):
-        return [jax.tree_util.keystr(path)
-                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        names = leaf_names(params)
+        names = storage_lib._leaf_names(params)
 
         def init_leaf(param, moment, codec, leaf):
             param = jnp.asarray(param)
@@ -210,7 +206,7 @@ def lift(
         del params
         stored = [check_tree_match(updates, getattr(state, m.name), name) for m in moments]
         grads, treedef = jax.tree.flatten(updates)
-        names = leaf_names(updates)
+        names = storage_lib._leaf_names(updates)
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]

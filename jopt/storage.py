@@ -353,11 +353,10 @@ def _shard_offset(size: int) -> Any:
     return jnp.asarray(index, jnp.uint32) * jnp.uint32(size)
 
 
-def _leaf_names(treedef: Any) -> list[str]:
-    """The key path (``keystr``) of each leaf of ``treedef``: its name in salts."""
-    dummy = treedef.unflatten(range(treedef.num_leaves))
+def _leaf_names(tree: Any) -> list[str]:
+    """The key path (``keystr``) of each leaf of ``tree``: its name in salts."""
     return [jax.tree_util.keystr(path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -886,11 +885,11 @@ def with_state_storage(
         return {path: field if field is not None and fields.count(field) == 1
                 else jax.tree_util.keystr(path) for path, field in zip(paths, fields)}
 
-    def encode_subtree(path, node, like, treedef, signed_paths, names):
+    def encode_subtree(path, node, like, treedef, signed_paths, names, leaves):
+        # ``leaves``: the params' leaf names (:func:`_leaf_names`) for the salts.
         signed = not is_nonnegative(path, signed_paths)
         values, rebuild = _aligned(treedef, node)
         likes, _ = _aligned(treedef, like)
-        leaves = _leaf_names(treedef)
         out = [
             _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}{leaf}"))
             if not isinstance(v, EncodedArray) and _stored_shape(v) is not None
@@ -925,9 +924,10 @@ def with_state_storage(
         state = inner.init(params)
         signed_paths = _signed_paths(state)
         is_leaf = _params_like(treedef, shapes)
-        names = stream_names(state, match, is_leaf)
+        names, leaves = stream_names(state, match, is_leaf), _leaf_names(params)
         return jax.tree_util.tree_map_with_path(
-            lambda path, node: encode_subtree(path, node, params, treedef, signed_paths, names)
+            lambda path, node: encode_subtree(
+                path, node, params, treedef, signed_paths, names, leaves)
             if match(path, node) else node,
             state, is_leaf=is_leaf)
 
@@ -942,11 +942,11 @@ def with_state_storage(
             if match(path, node) else node,
             state, own, is_leaf=is_leaf)
         new_updates, new_state = inner.update(updates, decoded, params, **extra_args)
-        names = stream_names(new_state, match, is_leaf)
+        names, leaves = stream_names(new_state, match, is_leaf), _leaf_names(updates)
         try:
             new_state = jax.tree_util.tree_map_with_path(
                 lambda path, node, old: encode_subtree(
-                    path, node, old, treedef, signed_paths, names)
+                    path, node, old, treedef, signed_paths, names, leaves)
                 if match(path, node) else node,
                 new_state, state, is_leaf=is_leaf)
         except ValueError as e:
