@@ -278,6 +278,9 @@ def scale_by_rms(
     def corrected(moment, count):
         return _bias_correction(moment, decay, count) if bias_correction else moment
 
+    def scale(variance):
+        return jax.lax.rsqrt(variance + eps) if eps_in_sqrt else 1 / (jnp.sqrt(variance) + eps)
+
     def centered_rule(grad, moments, count):
         """The centered form on (mu, s = nu - mu^2): no cancellation in storage."""
         old_mu, old_s = moments
@@ -288,11 +291,7 @@ def scale_by_rms(
                 corrected(s + _abs_sq(mu), count) - _abs_sq(corrected(mu, count)), 0.0)
         else:
             variance = s
-        if eps_in_sqrt:
-            scale = jax.lax.rsqrt(variance + eps)
-        else:
-            scale = 1 / (jnp.sqrt(variance) + eps)
-        return scale * grad, (mu, s)
+        return scale(variance) * grad, (mu, s)
 
     def rule(grad, moments, count):
         nu = (1 - decay) * _abs_sq(grad) + decay * moments[-1]
@@ -303,11 +302,7 @@ def scale_by_rms(
             # int8, even float32 when the variance is tiny against the mean) can
             # make it negative, and rsqrt of that is NaN.
             variance = jnp.maximum(variance - _abs_sq(corrected(mu, count)), 0.0)
-        if eps_in_sqrt:
-            scale = jax.lax.rsqrt(variance + eps)
-        else:
-            scale = 1 / (jnp.sqrt(variance) + eps)
-        return scale * grad, ((mu, nu) if centered else (nu,))
+        return scale(variance) * grad, ((mu, nu) if centered else (nu,))
 
     nu = Moment("nu", signed=False, initial_value=initial_scale)
     if centered:
