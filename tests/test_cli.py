@@ -262,3 +262,38 @@ def test_reference_recipe_reaches_97_percent_on_real_mnist(tmp_path, monkeypatch
     records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     assert records[-1]["test_accuracy"] >= 0.970  # the target (seeds 0-7: 97.05-97.35%)
+
+
+def _fetch_mnist_module():
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / ".ci" / "fetch_mnist.py"
+    spec = importlib.util.spec_from_file_location("fetch_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_mnist_fetch_refuses_a_directory_that_is_not_its_own(tmp_path, monkeypatch):
+    # .ci/fetch_mnist.py never overwrites or deletes what is not its own, and says
+    # why before downloading anything (the download itself is not reached here).
+    fetch = _fetch_mnist_module()
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", lambda *a, **k: pytest.fail("download"))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"holds other files too \(notes.txt\)"):
+        fetch.fetch(str(foreign))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(foreign)
+    for name in ("file", "link"):
+        with pytest.raises(SystemExit, match="is not a directory"):
+            fetch.fetch(str(tmp_path / name))
+    done = tmp_path / "done"  # all four files there: nothing to do
+    done.mkdir()
+    for name in fetch.FILES:
+        (done / name).write_bytes(b"")
+    (done / f".{fetch.FILES[0]}.tmp123").write_bytes(b"")  # an interrupted run's leftover
+    fetch.fetch(str(done))
+    assert sorted(p.name for p in done.iterdir()) == sorted(fetch.FILES)
