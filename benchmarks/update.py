@@ -13,7 +13,9 @@ Measured side by side in one run (float32 parameters, Adam):
    and jopt on :class:`jopt.flat.FlatParams`. Compile time is
    ``jax.jit(f).lower(...).compile()`` of a fresh function (no cache).
 3. **State storage**: state bytes per parameter of Adam with float32 / bfloat16 /
-   int8 state (optax: 8), and the 10M-leaf update time of each relative to optax.
+   int8 state (optax: 8), and the 10M-leaf update time of each relative to optax;
+   int8 also at the next size that is whole blocks of 256 (10,000,128), where a
+   GPU writes the params and the codes in one loop.
    Beside them, the int8 codec's *encode alone* - both moments, from float32
    arrays already in memory, no update math - as a fraction of optax's whole
    step: a floor that no schedule of the int8 step's loops can go below.
@@ -126,6 +128,19 @@ def single_leaf(size: int, repeats: int) -> dict:
     ]:
         p = params + 0.0
         timer.add(name, _adam_step(tx), (tx.init(p), p), consts=(grads,))
+    # int8 state on a size that is whole blocks of 256 too: on GPUs/TPUs the step
+    # then writes the params and the codes from one loop (see
+    # jopt.storage._recompute_for_encode); a partial last block gives the codes
+    # another length than the params, and XLA a loop more.
+    whole = size + (-size) % storage_lib.BLOCK_SIZE
+    if whole != size:
+        more = jax.random.normal(jax.random.fold_in(key, 2), (whole - size,), jnp.float32)
+        p_whole, g_whole = jnp.concatenate([params, more]), jnp.concatenate([grads, more])
+        for name, tx in [("optax_whole_blocks", optax.adam(LEARNING_RATE)),
+                         ("jopt_int8_whole_blocks",
+                          jopt.adam(LEARNING_RATE, state_storage="int8"))]:
+            p = p_whole + 0.0
+            timer.add(name, _adam_step(tx), (tx.init(p), p), consts=(g_whole,))
     # Moments of a realistic magnitude profile (m ~ g, v ~ g^2): the encode's cost
     # does not depend on the values, only on their count.
     codec = storage_lib.Int8BlockStorage()
@@ -152,6 +167,9 @@ def single_leaf(size: int, repeats: int) -> dict:
     }
     # What the int8 step cannot go below: encoding its two moments.
     out["int8_encode_only_vs_optax_float32"] = results["int8_encode_only"] / results["optax"]
+    out["int8_whole_blocks"] = {"size": whole, "vs_optax_float32": (
+        results["jopt_int8_whole_blocks"] / results["optax_whole_blocks"]
+        if whole != size else out["update_time_vs_optax_float32"]["int8"])}
     return out
 
 
@@ -254,6 +272,9 @@ def print_table(r: dict) -> None:
         print(f"   {name:10s} {r['state_bytes_per_param'][name]:8.3f} "
               f"{r['update_time_vs_optax_float32'][name]:19.2f} "
               f"{one['update_cpu_time_vs_optax_float32'][name]:18.2f}")
+    blocks = one["int8_whole_blocks"]
+    print(f"   int8 at {blocks['size']:,} params (whole blocks of 256): "
+          f"{blocks['vs_optax_float32']:.2f}x optax float32")
     print(f"   int8 encode of both moments alone: "
           f"{1e3 * one['seconds']['int8_encode_only']:.2f} ms = "
           f"{one['int8_encode_only_vs_optax_float32']:.2f}x optax's whole step")

@@ -172,7 +172,7 @@ def lift(
         for m in moments
     )
 
-    def encode(codec, value, like, moment, leaf):
+    def encode(codec, value, like, moment, leaf, absmax=None):
         # Each moment of each leaf gets its own salt, hence its own rounding noise:
         # same-shaped leaves (a stack of equal layers) and a leaf's mu and nu would
         # otherwise round alike at every step. ``leaf`` is the leaf's key path in
@@ -182,7 +182,8 @@ def lift(
         # optimizer per layer does not round every layer alike. with_state_storage
         # names state the same way, so wrapping optax.adam gives the bits of jopt.adam.
         return storage_lib._encode(codec, value, like=like, signed=moment.signed,
-                                   salt=storage_lib._salt(f"{moment.name}{leaf}"))
+                                   salt=storage_lib._salt(f"{moment.name}{leaf}"),
+                                   absmax=absmax)
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -210,16 +211,26 @@ def lift(
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]
+        def apply_rule(grad, previous):
+            decoded = tuple(c.decode(s) for c, s in zip(codecs, previous))
+            return rule(grad.astype(storage_lib.compute_dtype(grad.dtype)), decoded, count)
+
+        two_pass = storage_lib._recompute_for_encode()
         for i, grad in enumerate(grads):
             previous = [column[i] for column in stored]
-            decoded = tuple(c.decode(s) for c, s in zip(codecs, previous))
             grad = jnp.asarray(grad)
-            update, values = rule(grad.astype(storage_lib.compute_dtype(grad.dtype)), decoded, count)
+            update, values = apply_rule(grad, previous)
+            absmax = (storage_lib._prepass(codecs, values) if two_pass
+                      else [None] * len(values))
+            if any(a is not None for a in absmax):
+                # int8 on GPU/TPU: the state again, now to be encoded with the block
+                # maxima of the first evaluation (see storage._recompute_for_encode).
+                update, values = apply_rule(*jax.lax.optimization_barrier((grad, previous)))
             new_updates.append(update.astype(grad.dtype))
-            for column, moment, codec, value, old in zip(
-                new_moments, moments, codecs, values, previous
+            for column, moment, codec, value, old, amax in zip(
+                new_moments, moments, codecs, values, previous, absmax
             ):
-                column.append(encode(codec, value, old, moment, names[i]))
+                column.append(encode(codec, value, old, moment, names[i], amax))
         new_state = {
             m.name: treedef.unflatten(column) for m, column in zip(moments, new_moments)
         }

@@ -369,16 +369,59 @@ def _encode_takes_salt(cls: type) -> bool:
 
 
 def _encode(codec: StateStorage, value: jax.Array, *, like: Any, signed: bool,
-            salt: int) -> Any:
+            salt: int, absmax: jax.Array | None = None) -> Any:
     """``codec.encode(value, like=like, signed=signed, salt=salt)``, for any codec.
 
     Codecs written before ``salt`` existed (``encode(self, value, *, like,
     signed)``) are called without it: they keep working, and draw whatever noise
-    they drew before.
+    they drew before. ``absmax``: the block maxima of ``value`` from
+    :func:`_prepass` (int8 only), computed from an earlier evaluation of it.
     """
+    if absmax is not None:
+        return _quantize(value, signed, _next_step(like), codec.stochastic_rounding, salt,
+                         absmax)
     if _encode_takes_salt(type(codec)):
         return codec.encode(value, like=like, signed=signed, salt=salt)
     return codec.encode(value, like=like, signed=signed)
+
+
+# Set by tests to force (True) or forbid (False) the two-pass encode on any backend.
+_TWO_PASS: bool | None = None
+
+
+def _recompute_for_encode() -> bool:
+    """Whether int8 state is computed twice per step: once for its block maxima,
+    once to encode it (on GPUs and TPUs; not on CPUs).
+
+    An int8 encode needs each block's maximum before it can encode the block's
+    first value. Computed once, the new state must be kept whole between the two:
+    XLA:GPU fuses the update into the block-max reduction and writes the new
+    float32 moments out for the encode to read back - 8 bytes per value and
+    moment more than the step's own reads and writes (int8 Adam on an H100 took
+    1.2-1.5x optax's float32 step). Computing it twice, the first time only for
+    the maxima, reads the (small) old state and the gradient twice instead. The
+    second evaluation reads its inputs through ``lax.optimization_barrier``, so
+    XLA cannot merge the two back into one. On a CPU the step is bound by the
+    arithmetic of the encode, not by memory, and is computed once.
+
+    Both ways give the same codes: the second evaluation is the same
+    computation as the first.
+    """
+    if _TWO_PASS is not None:
+        return _TWO_PASS
+    return jax.default_backend() != "cpu"
+
+
+def _prepass(codecs: list[StateStorage], values: list[jax.Array]) -> list[jax.Array | None]:
+    """What the encode of each of ``values`` (of one leaf) by its codec needs of the
+    whole array before it can encode its first value: the int8 codec's block
+    maxima; None for other codecs."""
+    needed = [i for i, (c, v) in enumerate(zip(codecs, values))
+              if isinstance(c, Int8BlockStorage) and c._quantizes(v)]
+    maxima = [None] * len(values)
+    for i, m in zip(needed, _absmax_of([values[i] for i in needed]) if needed else []):
+        maxima[i] = m
+    return maxima
 
 
 # --------------------------------------------------------------------------------------
@@ -484,7 +527,9 @@ class DtypeStorage(StateStorage):
         return f"DtypeStorage({self.name!r}{sr})"
 
 
-def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool, salt: int):
+def _blocks(value: jax.Array) -> list[jax.Array]:
+    """``value`` as rows of ``BLOCK_SIZE`` values, the last one zero-padded: one
+    ``[n, 256]`` array, or two (whole blocks, then the partial last block) on CPU."""
     flat = value.reshape(-1).astype(jnp.float32)
     full = flat.size - flat.size % BLOCK_SIZE
     if full < flat.size and _pad_whole_array():
@@ -498,13 +543,52 @@ def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool,
     parts = [flat[:full].reshape(-1, BLOCK_SIZE)] if full else []
     if full < flat.size:
         parts.append(jnp.pad(flat[full:], (0, BLOCK_SIZE - flat.size + full))[None])
+    return parts
+
+
+def _block_absmax(blocks: jax.Array) -> jax.Array:
+    """The absolute maximum of each row of ``blocks`` (NaN if a row holds one)."""
+    # One variadic (max, min) reduction: XLA fuses the producer (the whole update
+    # of the state) into it. A plain reduce_max of |x| becomes a library call that
+    # needs |x| materialised first - a full float32 temporary, ~10x slower on CPU.
+    high, low = jax.lax.reduce(
+        (blocks, blocks), (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
+    return jnp.maximum(high, -low)
+
+
+def _absmax_of(values: list[jax.Array]) -> list[jax.Array]:
+    """The block maxima that :func:`_quantize` of each of ``values`` (arrays of one
+    size) would compute, in one reduction: a GPU then reads the inputs they are
+    computed from once, not once per array."""
+    parts = [_blocks(value) for value in values]
+    maxima = [[] for _ in values]
+    for blocks in zip(*parts):  # the whole blocks, then (on CPU) a partial one
+        extremes = jax.lax.reduce(
+            tuple(b for b in blocks for _ in range(2)),
+            tuple(jnp.float32(x) for _ in blocks for x in (-jnp.inf, jnp.inf)),
+            lambda a, b: tuple(
+                f(x, y) for x, y, f in zip(a, b, [jnp.maximum, jnp.minimum] * len(blocks))),
+            (1,))
+        for column, high, low in zip(maxima, extremes[::2], extremes[1::2]):
+            column.append(jnp.maximum(high, -low))
+    return [column[0] if len(column) == 1 else jnp.concatenate(column) for column in maxima]
+
+
+def _quantize(value: jax.Array, signed: bool, step: jax.Array, stochastic: bool, salt: int,
+              absmax: jax.Array | None = None):
+    """Codes and scales of ``value``; ``absmax``: its block maxima, if already known
+    (:func:`_absmax_of`, see :func:`_recompute_for_encode`)."""
     key = _stream_key(_INT8_STREAM, signed, salt)
-    offset = _shard_offset(flat.size)
+    # The slice's place in the whole array (ZeRO-1): its unpadded size counts.
+    offset = _shard_offset(value.size)
     encoded, first_row = [], 0
-    for blocks in parts:
+    for blocks in _blocks(value):
+        rows = blocks.shape[0]
+        own = None if absmax is None else absmax[first_row:first_row + rows]
         encoded.append(_quantize_blocks(blocks, signed, step, stochastic, key,
-                                        offset + first_row * BLOCK_SIZE))
-        first_row += blocks.shape[0]
+                                        offset + first_row * BLOCK_SIZE, own))
+        first_row += rows
     if len(encoded) == 1:
         codes, scales = encoded[0]
     else:
@@ -521,20 +605,16 @@ def _pad_whole_array() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _quantize_blocks(blocks, signed, step, stochastic, key, first):
+def _quantize_blocks(blocks, signed, step, stochastic, key, first, absmax=None):
     """Codes and scales of ``blocks`` ``[n, 256]``, whose first value is the array's
     element ``first`` (it places the rounding noise).
 
-    ``key``: the array's noise stream (:func:`_stream_key`).
+    ``key``: the array's noise stream (:func:`_stream_key`). ``absmax``: the rows'
+    absolute maxima, if already known.
     """
     levels, power = _SIGNED_CODE if signed else _UNSIGNED_CODE
-    # One variadic (max, min) reduction: XLA fuses the producer (the whole update
-    # of the state) into it. A plain reduce_max of |x| becomes a library call that
-    # needs |x| materialised first - a full float32 temporary, ~10x slower on CPU.
-    high, low_ = jax.lax.reduce(
-        (blocks, blocks), (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
-        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
-    absmax = jnp.maximum(high, -low_)
+    if absmax is None:
+        absmax = _block_absmax(blocks)
     # An all-zero block keeps scale 1 (no 0/0); NaN and inf stay in the scale so
     # that the block decodes to NaN instead of hiding them.
     scales = jnp.where(absmax == 0, 1.0, absmax)
@@ -617,9 +697,12 @@ class Int8BlockStorage(StateStorage):
         self.min_size = min_size
         self.stochastic_rounding = stochastic_rounding
 
+    def _quantizes(self, value) -> bool:
+        return not (value.size == 0 or _whole_size(value.size) < self.min_size
+                    or jnp.iscomplexobj(value))
+
     def encode(self, value, *, like, signed, salt=0):
-        if (value.size == 0 or _whole_size(value.size) < self.min_size
-                or jnp.iscomplexobj(value)):
+        if not self._quantizes(value):
             return value.astype(compute_dtype(value.dtype))
         return _quantize(value, signed, _next_step(like), self.stochastic_rounding, salt)
 
@@ -885,19 +968,44 @@ def with_state_storage(
         return {path: field if field is not None and fields.count(field) == 1
                 else jax.tree_util.keystr(path) for path, field in zip(paths, fields)}
 
-    def encode_subtree(path, node, like, treedef, signed_paths, names, leaves):
-        # ``leaves``: the params' leaf names (:func:`_leaf_names`) for the salts.
+    def encodable(v):
+        # Not counts, masks, or state that ``inner`` already stores encoded.
+        return (not isinstance(v, EncodedArray) and _stored_shape(v) is not None
+                and jnp.issubdtype(v.dtype, jnp.inexact))
+
+    def encode_subtree(path, node, like, treedef, signed_paths, names, leaves,
+                       maxima=None):
+        # ``leaves``: the params' leaf names (:func:`_leaf_names`) for the salts;
+        # ``maxima``: the int8 block maxima of each leaf from a first evaluation.
         signed = not is_nonnegative(path, signed_paths)
         values, rebuild = _aligned(treedef, node)
         likes, _ = _aligned(treedef, like)
+        maxima = [None] * len(values) if maxima is None else maxima[path]
         out = [
-            _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}{leaf}"))
-            if not isinstance(v, EncodedArray) and _stored_shape(v) is not None
-            and jnp.issubdtype(v.dtype, jnp.inexact)
-            else v  # counts, masks, and state that ``inner`` already stores encoded
-            for v, l, leaf in zip(values, likes, leaves)
+            _encode(codec, v, like=l, signed=signed, salt=_salt(f"{names[path]}{leaf}"),
+                    absmax=m)
+            if encodable(v) else v
+            for v, l, leaf, m in zip(values, likes, leaves, maxima)
         ]
         return rebuild(out)
+
+    def prepass(new_state, match, is_leaf, treedef):
+        """The int8 block maxima of each encoded leaf, by subtree path (or None
+        when nothing needs them; see :func:`_recompute_for_encode`). The moments
+        of one leaf (``mu`` and ``nu``) are reduced together."""
+        subtrees = {}
+        jax.tree_util.tree_map_with_path(
+            lambda path, node: subtrees.__setitem__(path, _aligned(treedef, node)[0])
+            if match(path, node) else None,
+            new_state, is_leaf=is_leaf)
+        maxima = {path: [None] * treedef.num_leaves for path in subtrees}
+        for i in range(treedef.num_leaves):
+            paths = [p for p, values in subtrees.items() if encodable(values[i])]
+            found = _prepass([codec] * len(paths), [subtrees[p][i] for p in paths])
+            for path, m in zip(paths, found):
+                maxima[path][i] = m
+        needed = any(m is not None for ms in maxima.values() for m in ms)
+        return maxima if needed else None
 
     def decode_subtree(node, own, treedef):
         # ``own``: inner's state as inner itself lays it out; where inner stores a
@@ -937,16 +1045,27 @@ def with_state_storage(
         is_leaf = _params_like(treedef, shapes)
         own = jax.eval_shape(inner.init, updates if params is None else params)
         signed_paths = _signed_paths(own)
-        decoded = jax.tree_util.tree_map_with_path(
-            lambda path, node, own_node: decode_subtree(node, own_node, treedef)
-            if match(path, node) else node,
-            state, own, is_leaf=is_leaf)
-        new_updates, new_state = inner.update(updates, decoded, params, **extra_args)
+
+        def apply_inner(updates, state, params):
+            decoded = jax.tree_util.tree_map_with_path(
+                lambda path, node, own_node: decode_subtree(node, own_node, treedef)
+                if match(path, node) else node,
+                state, own, is_leaf=is_leaf)
+            return inner.update(updates, decoded, params, **extra_args)
+
+        new_updates, new_state = apply_inner(updates, state, params)
         names, leaves = stream_names(new_state, match, is_leaf), _leaf_names(updates)
         try:
+            maxima = (prepass(new_state, match, is_leaf, treedef)
+                      if _recompute_for_encode() else None)
+            if maxima is not None:
+                # int8 on GPU/TPU: the state again, now to be encoded with the block
+                # maxima of the first evaluation (see _recompute_for_encode).
+                new_updates, new_state = apply_inner(
+                    *jax.lax.optimization_barrier((updates, state, params)))
             new_state = jax.tree_util.tree_map_with_path(
                 lambda path, node, old: encode_subtree(
-                    path, node, old, treedef, signed_paths, names, leaves)
+                    path, node, old, treedef, signed_paths, names, leaves, maxima)
                 if match(path, node) else node,
                 new_state, state, is_leaf=is_leaf)
         except ValueError as e:

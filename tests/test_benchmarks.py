@@ -41,6 +41,9 @@ def test_update_benchmark_json_has_the_required_keys():
     assert per_param["int8"] < 2.1
     assert set(result["update_time_vs_optax_float32"]) == {"float32", "bfloat16", "int8"}
     assert set(result["many_leaves"]["ms_per_step"]) == {"optax", "jopt_tree", "jopt_flat"}
+    blocks = result["single_leaf"]["int8_whole_blocks"]  # 5000 -> 20 whole blocks
+    assert blocks["size"] == 5120 and math.isfinite(blocks["vs_optax_float32"])
+    assert "jopt_int8_whole_blocks" in result["single_leaf"]["seconds"]
 
 
 @pytest.mark.slow

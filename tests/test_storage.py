@@ -735,3 +735,90 @@ def test_wrapper_encodes_state_under_a_prefix_mask(mask):
                                       _stored_values(getattr(reference, field)["b"]))
     np.testing.assert_array_equal(updates["a"]["x"], grads["a"]["x"])  # masked: passed through
     np.testing.assert_allclose(updates["b"], expected_updates["b"], rtol=1e-5, atol=1e-8)
+
+
+def _two_pass_cases():
+    adam = lambda: jopt.adam(1e-2, state_storage="int8")  # noqa: E731
+    return {
+        "adam": adam,
+        "amsgrad": lambda: jopt.adam(1e-2, amsgrad=True, state_storage="int8"),
+        "momentum": lambda: jopt.sgd(1e-2, momentum=0.9, state_storage="int8"),
+        "wrapped_optax_adam": lambda: storage.with_state_storage(optax.adam(1e-2), "int8"),
+        "wrapped_prefix_mask": lambda: storage.with_state_storage(
+            optax.masked(optax.adam(1e-2), {"a": False, "b": True, "c": True}), "int8"),
+        "chained_with_weight_decay": lambda: optax.chain(
+            optax.add_decayed_weights(1e-2), jopt.scale_by_adam(state_storage="int8"),
+            optax.scale(-1e-2)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_two_pass_cases()))
+def test_two_pass_encode_gives_the_same_bits(monkeypatch, name):
+    """On GPUs/TPUs int8 state is computed twice, first for its block maxima (see
+    storage._recompute_for_encode): updates and stored state equal the one-pass
+    computation's bit for bit - whole and partial blocks, a float32 small leaf."""
+    x = jnp.linspace(-1.0, 1.0, 10_000)
+    params = {"a": x, "b": jnp.cos(x[:8192]).reshape(64, 128), "c": x[:100]}
+    results, programs = {}, {}
+    for two_pass in (False, True):
+        monkeypatch.setattr(storage, "_TWO_PASS", two_pass)
+        tx = _two_pass_cases()[name]()
+        step = jax.jit(lambda g, s, p, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
+            *tx.update(g, s, p)))
+        state, p = tx.init(params), params
+        programs[two_pass] = str(jax.make_jaxpr(tx.update)(params, state, params))
+        for i in range(4):
+            g = jax.tree.map(lambda w, i=i: jnp.sin(3.1 * (i + 1) * w) + 0.1 * i, p)
+            p, state = step(g, state, p)
+        results[two_pass] = (p, state)
+    assert "optimization_barrier" in programs[True]  # the second evaluation ran
+    assert "optimization_barrier" not in programs[False]
+    flat = [jax.tree.leaves(r) for r in (results[False], results[True])]
+    assert len(flat[0]) == len(flat[1])
+    for one, two in zip(*flat):
+        np.testing.assert_array_equal(one, two)
+    quantized = [x for x in jax.tree.leaves(results[True][1], is_leaf=storage.is_encoded)
+                 if isinstance(x, storage.QuantizedArray)]
+    assert quantized  # int8 state was really encoded
+
+
+def test_two_pass_is_the_default_off_cpu_only(monkeypatch):
+    monkeypatch.setattr(storage, "_TWO_PASS", None)
+    assert storage._recompute_for_encode() == (jax.default_backend() != "cpu")
+    x = jnp.ones(8192)
+    # Float32 and bfloat16 state need no maxima: no second evaluation.
+    monkeypatch.setattr(storage, "_TWO_PASS", True)
+    for name in ("float32", "bfloat16"):
+        tx = jopt.adam(1e-3, state_storage=name)
+        assert "optimization_barrier" not in str(jax.make_jaxpr(tx.update)(x, tx.init(x), x))
+
+
+def test_two_pass_encode_of_shards_gives_the_same_bits(monkeypatch):
+    # Under ZeRO-1 each device updates its slice inside storage._shard_of_whole:
+    # the second evaluation draws the noise of the slice's place in the whole
+    # buffer too, so both ways agree on every device.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("i",))
+    whole = jax.random.normal(jax.random.key(2), (8 * 4096,))
+    grads = jnp.sin(5.0 * whole)
+    results = {}
+    for two_pass in (False, True):
+        monkeypatch.setattr(storage, "_TWO_PASS", two_pass)
+        tx = jopt.adam(1e-2, state_storage="int8")
+
+        def body(g, p, tx=tx, axis="i"):
+            with storage._shard_of_whole(axis, 8):
+                state = tx.init(p)
+                for _ in range(2):
+                    updates, state = tx.update(g, state, p)
+            return updates, state
+
+        shapes = jax.eval_shape(lambda g, p: body(g, p, axis=None), grads[:4096], whole[:4096])
+        specs = jax.tree.map(lambda s: P() if s.ndim == 0 else P("i"), shapes)
+        results[two_pass] = jax.jit(jax.shard_map(
+            body, mesh=mesh, in_specs=(P("i"), P("i")), out_specs=specs))(grads, whole)
+    for one, two in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
+        np.testing.assert_array_equal(one, two)
+    mu = results[True][1][0].mu
+    assert isinstance(mu, storage.QuantizedArray) and mu.codes.shape == (8 * 16, 256)
