@@ -1,17 +1,18 @@
 """Prototype, not used by jopt yet: Adam with int8 state as ONE fused Pallas kernel.
 
-jopt's int8 Adam is plain XLA: on a GPU, XLA fuses the parameter update into the
-block-max reduction and materialises the new float32 moments for the encode
-kernels (~32 bytes moved per parameter, 1.24-1.5x optax's float32 step on an
-H100). This kernel does the whole step for ``ROWS`` blocks of 256 values in one
-pass - decode the codes, update m, v and the parameters, take each block's
+jopt's int8 Adam is plain XLA. On a GPU it evaluates the update twice (see
+``jopt.storage._recompute_for_encode``): once inside the block-max reduction, once
+to encode (~22 bytes moved per parameter with whole blocks: 1.01x optax's float32
+step at 10,002,432 parameters on an H100, 0.87x at 100M; before, XLA wrote the
+new float32 moments out for the encode, ~32 bytes, 1.25-1.5x). This kernel does
+the whole step for ``ROWS`` blocks of 256 values in one pass - decode the codes, update m, v and the parameters, take each block's
 absmax, encode - moving ~16 bytes per parameter. It uses the same codes and the
 same counter-hash stochastic rounding as :mod:`jopt.storage`, so it is checked
 against ``jopt.adam(state_storage="int8")`` (params after 3 steps, and the
 fraction of identical codes) before timing it against ``optax.adam`` and jopt,
 all donated and jitted, round-robin, best of 30.
 
-Measured on one H100 (JAX 0.11.2): 0.83x optax's time at 10M parameters and
+Measured on one H100 (JAX 0.11.2): 0.81-0.83x optax's time at 10M parameters and
 0.66x at 100M (ROWS=4), codes identical to jopt's (mu 100%, nu 99.9998% after 3
 steps), params within 5e-5. Limits of the prototype: Adam only, hyper-parameters
 fixed below, size a multiple of 256*ROWS. Wiring it into :func:`jopt.lift.lift`

@@ -406,6 +406,16 @@ def _recompute_for_encode() -> bool:
 
     Both ways give the same codes: the second evaluation is the same
     computation as the first.
+
+    Measured on one H100 (JAX 0.11.2, Adam, one float32 leaf, update and
+    ``apply_updates`` in one jitted step, best of 30 round-robin): 10,002,432 and
+    10,000,128 values (whole blocks of 256) 1.25-1.28x -> 1.01-1.02x optax's float32
+    step; 100M values 1.52x -> 0.87x. The step is then one reduction and one loop
+    that writes the params and both moments' codes. With a partial last block
+    (10,000,000 values) there is no gain (1.44-1.50x either way): the padded codes
+    are longer than the params, so XLA writes them in loops of their own. Hence
+    ``jopt train`` pads its flat buffers to whole blocks. On a 2-core CPU the two
+    ways measured alike (10M values: 3.58x vs 3.59x optax).
     """
     if _TWO_PASS is not None:
         return _TWO_PASS
