@@ -638,10 +638,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
     if config.flat_params:
-        # Whole int8 blocks: a GPU then writes int8 state's codes and the params in
-        # one loop (see jopt.storage._recompute_for_encode). The zero padding stays
-        # zero (its gradient is zero), and is at most 255 values per buffer.
-        params = FlatParams.pack(params, pad_multiple=storage.BLOCK_SIZE)
+        params = FlatParams.pack(params)
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
