@@ -211,6 +211,7 @@ def lift(
         count = optax.safe_increment(state.count) if with_count else jnp.zeros([], jnp.int32)
         new_updates = []
         new_moments = [[] for _ in moments]
+
         def apply_rule(grad, previous):
             decoded = tuple(c.decode(s) for c, s in zip(codecs, previous))
             return rule(grad.astype(storage_lib.compute_dtype(grad.dtype)), decoded, count)

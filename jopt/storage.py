@@ -427,8 +427,10 @@ def _prepass(codecs: list[StateStorage], values: list[jax.Array]) -> list[jax.Ar
     """What the encode of each of ``values`` (of one leaf) by its codec needs of the
     whole array before it can encode its first value: the int8 codec's block
     maxima; None for other codecs."""
+    # Not for a subclass with its own encode: the second pass would bypass it.
     needed = [i for i, (c, v) in enumerate(zip(codecs, values))
-              if isinstance(c, Int8BlockStorage) and c._quantizes(v)]
+              if isinstance(c, Int8BlockStorage) and type(c).encode is Int8BlockStorage.encode
+              and c._quantizes(v)]
     maxima = [None] * len(values)
     for i, m in zip(needed, _absmax_of([values[i] for i in needed]) if needed else []):
         maxima[i] = m
@@ -557,32 +559,31 @@ def _blocks(value: jax.Array) -> list[jax.Array]:
     return parts
 
 
-def _block_absmax(blocks: jax.Array) -> jax.Array:
-    """The absolute maximum of each row of ``blocks`` (NaN if a row holds one)."""
+def _rows_absmax(arrays: list[jax.Array]) -> list[jax.Array]:
+    """The absolute maximum of each row of each of ``arrays`` (all ``[n, 256]``;
+    NaN where a row holds one), in one reduction."""
     # One variadic (max, min) reduction: XLA fuses the producer (the whole update
     # of the state) into it. A plain reduce_max of |x| becomes a library call that
     # needs |x| materialised first - a full float32 temporary, ~10x slower on CPU.
-    high, low = jax.lax.reduce(
-        (blocks, blocks), (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
-        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
-    return jnp.maximum(high, -low)
+    # Several arrays in one reduction: a GPU reads the inputs they are computed
+    # from (a gradient, the old codes) once, not once per array.
+    extremes = jax.lax.reduce(
+        tuple(a for a in arrays for _ in range(2)),
+        tuple(jnp.float32(x) for _ in arrays for x in (-jnp.inf, jnp.inf)),
+        lambda a, b: tuple(
+            f(x, y) for x, y, f in zip(a, b, [jnp.maximum, jnp.minimum] * len(arrays))),
+        (1,))
+    return [jnp.maximum(high, -low) for high, low in zip(extremes[::2], extremes[1::2])]
 
 
 def _absmax_of(values: list[jax.Array]) -> list[jax.Array]:
     """The block maxima that :func:`_quantize` of each of ``values`` (arrays of one
-    size) would compute, in one reduction: a GPU then reads the inputs they are
-    computed from once, not once per array."""
-    parts = [_blocks(value) for value in values]
+    size) would compute, in one reduction."""
     maxima = [[] for _ in values]
-    for blocks in zip(*parts):  # the whole blocks, then (on CPU) a partial one
-        extremes = jax.lax.reduce(
-            tuple(b for b in blocks for _ in range(2)),
-            tuple(jnp.float32(x) for _ in blocks for x in (-jnp.inf, jnp.inf)),
-            lambda a, b: tuple(
-                f(x, y) for x, y, f in zip(a, b, [jnp.maximum, jnp.minimum] * len(blocks))),
-            (1,))
-        for column, high, low in zip(maxima, extremes[::2], extremes[1::2]):
-            column.append(jnp.maximum(high, -low))
+    # The whole blocks, then (on CPU) a partial last one.
+    for blocks in zip(*[_blocks(value) for value in values]):
+        for column, m in zip(maxima, _rows_absmax(list(blocks))):
+            column.append(m)
     return [column[0] if len(column) == 1 else jnp.concatenate(column) for column in maxima]
 
 
@@ -625,7 +626,7 @@ def _quantize_blocks(blocks, signed, step, stochastic, key, first, absmax=None):
     """
     levels, power = _SIGNED_CODE if signed else _UNSIGNED_CODE
     if absmax is None:
-        absmax = _block_absmax(blocks)
+        (absmax,) = _rows_absmax([blocks])
     # An all-zero block keeps scale 1 (no 0/0); NaN and inf stay in the scale so
     # that the block decodes to NaN instead of hiding them.
     scales = jnp.where(absmax == 0, 1.0, absmax)

@@ -828,3 +828,23 @@ def test_two_pass_encode_of_shards_gives_the_same_bits(monkeypatch):
         np.testing.assert_array_equal(one, two)
     mu = results[True][1][0].mu
     assert isinstance(mu, storage.QuantizedArray) and mu.codes.shape == (8 * 16, 256)
+
+
+def test_two_pass_leaves_a_codec_subclass_with_its_own_encode_alone(monkeypatch):
+    # The second pass encodes through storage._quantize directly; a subclass that
+    # overrides encode must still be called, so it gets the one-pass path.
+    calls = []
+
+    class Counting(storage.Int8BlockStorage):
+        def encode(self, value, *, like, signed, salt=0):
+            calls.append(signed)
+            return super().encode(value, like=like, signed=signed, salt=salt)
+
+    monkeypatch.setattr(storage, "_TWO_PASS", True)
+    x = jnp.ones(8192)
+    tx = jopt.adam(1e-3, state_storage=Counting())
+    state = tx.init(x)
+    calls.clear()
+    program = str(jax.make_jaxpr(tx.update)(x, state, x))
+    assert calls == [True, False]  # mu, then nu, each through the subclass's encode
+    assert "optimization_barrier" not in program
