@@ -75,6 +75,9 @@ _META_KEYS = ("epoch", "identity", "state_structure", "config")
 
 def _restore(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
     """``mngr.restore`` of ``items`` from ``step``; a failure is a CheckpointReadError."""
+    # Before the restore, not after it fails: an abandoned read can report as soon
+    # as orbax closes its loop, before the error below is built.
+    _drop_abandoned_read_reports()
     try:
         return mngr.restore(step, args=ocp.args.Composite(**items))
     # What damaged files raise through orbax and tensorstore: OSError (missing files),
@@ -86,22 +89,24 @@ def _restore(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
             root = inner
         error = _unreadable(mngr, step, f"{type(root).__name__}: {root}")
         del e, root, inner  # Not chained: the traceback holds orbax's abandoned reads.
-    _discard_abandoned_reads()
+    time.sleep(0.2)  # the abandoned reads finish (their reports are dropped) ...
+    gc.collect()  # ... and are collected
     raise error
 
 
-def _discard_abandoned_reads(wait_s: float = 0.2) -> None:
+def _drop_abandoned_read_reports() -> None:
     """Silences what orbax leaves behind when one array of a restore fails.
 
     Orbax closes its event loop with the other arrays' reads still pending: their
     TensorStore callbacks then fail ("Event loop is closed"), and their coroutines,
     once garbage collected, raise from an ``except BaseException`` - each printing
     "Exception ignored in: ..." and pages of TensorStore spec after our message, at
-    whatever moment the reads finish (later still on a loaded machine). So from the
-    first failed restore on, the process's ``sys.unraisablehook`` drops exactly those
-    reports (a RuntimeError "Event loop is closed", or an orbax coroutine's) and
-    passes every other one on; then the reads get ``wait_s`` to finish and are
-    collected.
+    whatever moment the reads finish (as early as orbax's loop closes, later still
+    on a loaded machine). So from the first restore on, the process's
+    ``sys.unraisablehook`` drops exactly those reports (a RuntimeError "Event loop
+    is closed", or an orbax coroutine's) and passes every other one on. It was
+    installed only after a failed restore; a report that came sooner (once, on a
+    loaded CI machine) got through.
     """
     if not getattr(sys.unraisablehook, "_jopt_drops_abandoned_reads", False):
         previous = sys.unraisablehook
@@ -116,8 +121,6 @@ def _discard_abandoned_reads(wait_s: float = 0.2) -> None:
 
         quiet._jopt_drops_abandoned_reads = True  # type: ignore[attr-defined]
         sys.unraisablehook = quiet
-    time.sleep(wait_s)
-    gc.collect()
 
 
 def _unreadable(mngr: ocp.CheckpointManager, step: int, reason: str) -> CheckpointReadError:
