@@ -1026,9 +1026,7 @@ def with_state_storage(
         values, rebuild = _aligned(treedef, node)
         out = [
             v if isinstance(o, EncodedArray)
-            else codec.decode(v)
-            if isinstance(v, EncodedArray)
-            or (_stored_shape(v) is not None and jnp.issubdtype(v.dtype, jnp.inexact))
+            else codec.decode(v) if isinstance(v, EncodedArray) or encodable(v)
             else v
             for v, o in zip(values, _aligned(treedef, own)[0])
         ]
