@@ -94,6 +94,11 @@ def test_int8_error_bound_property(size, exponent, spread, signed, seed):
     if not signed:
         x = np.abs(x)
     decoded = np.asarray(_encode_decode(INT8, jnp.asarray(x), signed))
+    # Values below float32's normal range may be flushed to zero (CPUs and GPUs
+    # do so in float32 arithmetic; the module docstring says so): they are
+    # checked as the zeros they become. Without this, a block whose maximum is
+    # subnormal (hypothesis found a single value of 9e-39) expects the top code.
+    x = np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
     assert_on_a_neighbour(x, decoded, signed, nearest=False)
     assert np.all(decoded[x == 0] == 0)
     # One level is at most 3.2% of the block maximum apart near the top, so no
