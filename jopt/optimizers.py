@@ -225,7 +225,7 @@ def adagrad(
       >>> import jax.numpy as jnp, jopt
       >>> tx = jopt.adagrad(learning_rate=0.1, initial_accumulator_value=0.0, eps=0.0)
       >>> g = jnp.array([3.0, -4.0]); state = tx.init(g)
-      >>> tx.update(g, state)[0]
+      >>> tx.update(g, state)[0].round(6)  # GPUs' rsqrt is off in the last bit
       Array([-0.1,  0.1], dtype=float32)
 
     References:

@@ -24,7 +24,7 @@ def test_matmul_flops_and_bytes_are_exact():
     assert report.bytes_accessed == 4 * (m * k + k * n + m * n)
     assert report.argument_bytes == 4 * (m * k + k * n)
     assert report.output_bytes == 4 * m * n
-    assert report.platform == "cpu"
+    assert report.platform == jax.default_backend()
     assert report.num_jaxpr_eqns == 1
     assert "dot_general" in str(report.jaxpr)
     assert "stablehlo.dot_general" in report.stablehlo_text
@@ -82,6 +82,7 @@ def test_optimizer_step_on_flat_buffers_has_fewer_kernels():
     assert packed.flops == pytest.approx(per_leaf.flops, rel=0.05)
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="one device: XLA removes the psum")
 def test_collectives_are_counted():
     mesh = jax.make_mesh((len(jax.devices()),), ("x",))
     total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x.sum(), "x"),
@@ -98,7 +99,7 @@ def test_summary_repr_and_compare():
     b = inspect_step(jnp.matmul, _spec(4, 4), _spec(4, 4))
     assert "flops=" in repr(a) and "kernels=1" in repr(a)
     summary = a.summary()
-    assert summary.startswith("StepReport for 'sin' on cpu")
+    assert summary.startswith(f"StepReport for 'sin' on {jax.default_backend()}")
     assert "transcendentals   8" in summary
     table = compare({"sin": a, "matmul": b})
     lines = table.splitlines()
