@@ -23,12 +23,8 @@ from jopt.parallel import (
     int8_pmean,
 )
 
-# Data parallelism over the 8 simulated CPU devices of conftest.py. A run on one
-# accelerator (JAX_PLATFORMS=cuda) has a single device: nothing here applies. On
-# the CPU the tests run (and fail loudly should the 8 devices be missing).
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu" and jax.device_count() < 8,
-    reason="needs 8 devices (conftest's simulated CPU devices)")
+# Data parallelism over the 8 simulated CPU devices of conftest.py.
+pytestmark = pytest.mark.eight_devices
 
 GLOBAL_BATCH = 128
 HIDDEN = 48  # 784-48-10: 38,170 params, so a ZeRO-1 slice on 8 devices (4,864) is int8-quantized

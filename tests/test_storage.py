@@ -645,10 +645,9 @@ def test_old_style_codecs_still_work_and_new_ones_get_a_salt_per_array():
     assert salts["jopt"] == salts["wrapped"]  # the wrapper salts state as jopt does
 
 
+@pytest.mark.eight_devices
 @pytest.mark.parametrize("name", ["int8", "bfloat16"])
 def test_slices_encoded_as_shards_draw_the_noise_of_the_whole_array(name):
-    if len(jax.devices()) < 8:  # a GPU run (JAX_PLATFORMS=cuda) sees its one GPU
-        pytest.skip("needs 8 devices; tests/conftest.py simulates them on the CPU")
     # ZeRO-1 encodes each device's slice of a flat buffer with the same salt and
     # counter. Inside storage._shard_of_whole a slice draws the noise of its values'
     # places in the whole array: 8 equal slices round independently, exactly as
@@ -802,9 +801,8 @@ def test_two_pass_is_the_default_off_cpu_only(monkeypatch):
         assert "optimization_barrier" not in str(jax.make_jaxpr(tx.update)(x, tx.init(x), x))
 
 
+@pytest.mark.eight_devices
 def test_two_pass_encode_of_shards_gives_the_same_bits(monkeypatch):
-    if len(jax.devices()) < 8:  # a GPU run (JAX_PLATFORMS=cuda) sees its one GPU
-        pytest.skip("needs 8 devices; tests/conftest.py simulates them on the CPU")
     # Under ZeRO-1 each device updates its slice inside storage._shard_of_whole:
     # the second evaluation draws the noise of the slice's place in the whole
     # buffer too, so both ways agree on every device.
