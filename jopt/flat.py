@@ -386,6 +386,15 @@ def _split(buffer: Any, slots: list, size: int) -> list:
     sizes = [slot.size for slot in slots] + ([size - offset] if size > offset else [])
     if len(sizes) == 1:
         return [buffer]
+    if buffer.ndim == 1:
+        # Split a [1, size] view. The transpose (the gradient) is then a rank-2
+        # concatenate, which XLA:CPU materialises in one copy loop; the rank-1
+        # one it fuses into the optimizer's update, emitted there as a search
+        # over the pieces for every element: SGD's update on the 55k-parameter
+        # MLP took 0.2-2.8 ms a step instead of 15 us (Adam escaped only because
+        # its gradient has two consumers).
+        pieces = jax.lax.split(buffer[None], sizes, axis=1)[: len(slots)]
+        return [piece[0] for piece in pieces]
     return jax.lax.split(buffer, sizes, axis=axis)[: len(slots)]
 
 

@@ -90,6 +90,41 @@ def test_grad_jit_and_vmap_see_the_tree():
     assert batch.unpack()["dense"]["kernel"].shape == (3, 6, 5)
 
 
+def test_flat_gradient_is_one_copy_loop_not_fused_into_the_update():
+    """The gradient of ``unpack()`` is a concatenation of the leaves' gradients.
+
+    XLA:CPU fuses a rank-1 concatenation into its consumer and then searches the
+    pieces for every element (SGD's update on the MNIST MLP: 0.2-2.8 ms a step
+    instead of 15 us). ``unpack`` splits a ``[1, size]`` view instead, so the
+    concatenation is rank 2, which XLA:CPU runs as its own copy loop. Forward-mode
+    differentiation still works through it.
+    """
+    key = jax.random.key(0)
+    params = {f"layer{i}": {"kernel": jax.random.normal(jax.random.fold_in(key, i), (32, 32)),
+                            "bias": jnp.zeros(32)} for i in range(3)}
+    flat = FlatParams.pack(params)
+
+    def loss(flat):
+        x = jnp.ones(32)
+        for layer in flat.unpack().values():
+            x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
+        return jnp.sum(x**2)
+
+    def sgd_step(flat):
+        return jax.tree.map(lambda p, g: p - 0.1 * g, flat, jax.grad(loss)(flat))
+
+    report = jopt.inspect.inspect_step(sgd_step, flat)
+    if report.platform == "cpu":
+        assert report.op_counts["concatenate"] == 1, report.entry_hlo()
+    tree_step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(
+        lambda t: loss(FlatParams.pack_like(t, flat)))(p)))
+    assert max_abs_diff(jax.jit(sgd_step)(flat).unpack(), tree_step(params)) <= 1e-6
+    # jvp through unpack: the directional derivative along the buffer itself.
+    _, tangent = jax.jvp(loss, (flat,), (flat,))
+    np.testing.assert_allclose(tangent, jax.tree.reduce(
+        jnp.add, jax.tree.map(jnp.vdot, jax.grad(loss)(flat), flat)), rtol=1e-5)
+
+
 def run(tx, params, loss, steps):
     """``steps`` of ``tx`` on ``loss`` (of the tree), from ``params`` (tree or flat).
 
