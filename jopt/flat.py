@@ -448,7 +448,9 @@ def _concatenate(leaves: list, layout: FlatLayout, dtype: Any, padding_value: An
                  for leaf, slot in group]
         if size > used:
             parts.append(jnp.full([size - used], padding_value, out_dtype))
-        buffers[name] = jnp.concatenate(parts) if len(parts) != 1 else parts[0]
+        # As a [1, size] concatenation, for the reason given in _split.
+        buffers[name] = (jnp.concatenate([part[None] for part in parts], axis=1)[0]
+                         if len(parts) != 1 else parts[0])
     return buffers
 
 

@@ -95,31 +95,40 @@ def test_flat_gradient_is_one_copy_loop_not_fused_into_the_update():
 
     XLA:CPU fuses a rank-1 concatenation into its consumer and then searches the
     pieces for every element (SGD's update on the MNIST MLP: 0.2-2.8 ms a step
-    instead of 15 us). ``unpack`` splits a ``[1, size]`` view instead, so the
-    concatenation is rank 2, which XLA:CPU runs as its own copy loop. Forward-mode
-    differentiation still works through it.
+    instead of 15 us). ``unpack`` splits a ``[1, size]`` view instead (and
+    ``pack_like`` concatenates one), so the concatenation is rank 2, which
+    XLA:CPU runs as its own copy loop. Forward-mode differentiation still works.
     """
     key = jax.random.key(0)
     params = {f"layer{i}": {"kernel": jax.random.normal(jax.random.fold_in(key, i), (32, 32)),
                             "bias": jnp.zeros(32)} for i in range(3)}
     flat = FlatParams.pack(params)
 
-    def loss(flat):
+    def tree_loss(tree):
         x = jnp.ones(32)
-        for layer in flat.unpack().values():
+        for layer in tree.values():
             x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
         return jnp.sum(x**2)
 
-    def sgd_step(flat):
-        return jax.tree.map(lambda p, g: p - 0.1 * g, flat, jax.grad(loss)(flat))
+    def loss(flat):
+        return tree_loss(flat.unpack())
 
-    report = jopt.inspect.inspect_step(sgd_step, flat)
-    if report.platform == "cpu":
-        assert report.op_counts["concatenate"] == 1, report.entry_hlo()
-    tree_step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(
-        lambda t: loss(FlatParams.pack_like(t, flat)))(p)))
-    assert max_abs_diff(jax.jit(sgd_step)(flat).unpack(), tree_step(params)) <= 1e-6
-    # jvp through unpack: the directional derivative along the buffer itself.
+    def sgd(params, grads):
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    def flat_step(flat):  # differentiating through unpack()
+        return sgd(flat, jax.grad(loss)(flat))
+
+    def packed_step(flat):  # a tree gradient packed by pack_like
+        return sgd(flat, FlatParams.pack_like(jax.grad(tree_loss)(flat.unpack()), flat))
+
+    for step in (flat_step, packed_step):
+        report = jopt.inspect.inspect_step(step, flat)
+        if report.platform == "cpu":
+            assert report.op_counts["concatenate"] == 1, report.entry_hlo()
+        new = jax.jit(step)(flat).unpack()
+        assert max_abs_diff(new, jax.jit(sgd)(params, jax.grad(tree_loss)(params))) <= 1e-6
+    # jvp through unpack: the derivative along the buffer itself is <grad, buffer>.
     _, tangent = jax.jvp(loss, (flat,), (flat,))
     np.testing.assert_allclose(tangent, jax.tree.reduce(
         jnp.add, jax.tree.map(jnp.vdot, jax.grad(loss)(flat), flat)), rtol=1e-5)
