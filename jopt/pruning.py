@@ -313,12 +313,39 @@ def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
     """Boolean mask of a 1-D array keeping all but the ``num_pruned`` smallest scores.
 
     Ranks, not a threshold, so the count is exact even with ties (e.g. weights
-    already pruned to zero); a stable sort breaks ties by position.
+    already pruned to zero): among equal scores the first ones by position are
+    pruned first, as a stable sort would order them (NaN ranks above everything,
+    -0.0 equals 0.0). The mask is that of a stable ``argsort`` without the sort: a
+    32-step binary search finds the ``num_pruned``-th smallest score's
+    order-preserving integer key, and a running count over the scores equal to it
+    places the cut among ties. XLA:CPU's stable sort of the MNIST MLP's 55k
+    weights took 16 ms; this takes 1.6 ms (it runs at every mask update: 50 steps
+    apart by default, so the sort had doubled the epoch time).
     """
-    order = jnp.argsort(scores, stable=True)
-    ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(
-        jnp.arange(scores.size, dtype=jnp.int32))
-    return ranks >= num_pruned
+    keys = _order_keys(scores)
+    num_pruned = jnp.asarray(num_pruned, jnp.int32)
+
+    def halve(_, bounds):  # keeps count(keys <= high) >= num_pruned > count(keys < low)
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(keys <= middle, dtype=jnp.int32) >= num_pruned
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    threshold, _ = jax.lax.fori_loop(
+        0, 32, halve, (jnp.uint32(0), jnp.uint32(np.iinfo(np.uint32).max)))
+    below = keys < threshold
+    ties = keys == threshold
+    ties_pruned = num_pruned - jnp.sum(below, dtype=jnp.int32)
+    return ~(below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= ties_pruned)))
+
+
+def _order_keys(scores: jax.Array) -> jax.Array:
+    """uint32 keys in the order of float32 ``scores`` (a total order: -0.0 == 0.0,
+    every NaN equal and above +inf)."""
+    scores = scores.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores), jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    return jnp.where(jnp.isnan(scores), jnp.uint32(np.iinfo(np.uint32).max), keys)
 
 
 def _n_of_m_mask(weights: jax.Array, n: int, m: int) -> jax.Array:

@@ -70,6 +70,28 @@ def test_schedule_update_steps():
     assert {float(const.sparsity(t)) for t in range(20)} == {0.5}
 
 
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    values=st.lists(
+        st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 2.5, float("inf"), -float("inf"),
+                         float("nan"), 1e-30, -3.0])
+        | st.floats(width=32, allow_subnormal=False),
+        min_size=1, max_size=200),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_keep_largest_is_a_stable_sort_cut(values, fraction):
+    """The mask equals the one read off a stable argsort (NumPy's, NaN last, -0.0 == 0.0):
+    exactly ``num_pruned`` values pruned, ties cut by position. (No subnormals: XLA
+    may flush them to zero, as CPUs and GPUs do in float32.)"""
+    scores = np.asarray(values, np.float32)
+    num_pruned = int(round(fraction * scores.size))
+    order = np.argsort(scores, kind="stable")
+    expected = np.ones(scores.size, bool)
+    expected[order[:num_pruned]] = False
+    keep = jax.jit(pruning._keep_largest)(jnp.asarray(scores), jnp.int32(num_pruned))
+    np.testing.assert_array_equal(np.asarray(keep), expected)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
 def test_invalid_sparsity_is_rejected(bad):
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
