@@ -634,12 +634,20 @@ def build_eval_fn(apply_fn: ApplyFn):
 
 def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                      tx: optax.GradientTransformation, image_shape: Sequence[int]) -> TrainState:
-    """Initial parameters (from ``config.seed``), packed when ``config.flat_params``."""
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
-    if config.flat_params:
-        params = FlatParams.pack(params)
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    """Initial parameters (from ``config.seed``), packed when ``config.flat_params``.
+
+    One jitted program: run eagerly, Flax's ``init`` compiles every operation of
+    every initializer on its own (the MLP: 3.2 s on 2 cores, against 1.7 s jitted,
+    with bit-identical parameters).
+    """
+    def init():
+        init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+        params = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
+        if config.flat_params:
+            params = FlatParams.pack(params)
+        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+    return jax.jit(init)()
 
 
 def _load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -719,9 +727,15 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return records
 
 
+# curves.png is redrawn at most this often during a run (and after its last epoch):
+# drawing it takes 0.5-0.8 s, longer than an MLP epoch on a CPU.
+CURVES_EVERY_S = 30.0
+
+
 def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     """Saves loss and accuracy per epoch (train and test) as a PNG."""
     from matplotlib.figure import Figure  # No pyplot: no global state, no GUI backend.
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -732,9 +746,26 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.5
         ax.grid(alpha=0.3)
         ax.legend()
     figure.savefig(path, dpi=100)
+
+
+class _Curves:
+    """Draws ``history`` into ``path`` after the last epoch and at most every
+    :data:`CURVES_EVERY_S` seconds before it (``history`` is the run's list of
+    records, appended to as it trains)."""
+
+    def __init__(self, path: Path, history: list[dict[str, float]]):
+        self.path, self.history = path, history
+        self.drawn, self.drawn_at = len(history), time.monotonic()
+
+    def update(self, *, final: bool) -> None:
+        due = final or time.monotonic() - self.drawn_at >= CURVES_EVERY_S
+        if due and len(self.history) > self.drawn:
+            plot_curves(self.history, self.path)
+            self.drawn, self.drawn_at = len(self.history), time.monotonic()
 
 
 def _resume(checkpoint_manager, state: TrainState, config, metrics_path: Path):
@@ -775,8 +806,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Writes into ``workdir``: ``metrics.jsonl`` (one JSON record per epoch:
     ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``test_loss``,
-    ``test_accuracy``, ``epoch_time_s``, ``eval_time_s``), ``curves.png``,
-    ``config.json`` and ``checkpoints/`` (orbax, one per epoch, the last
+    ``test_accuracy``, ``epoch_time_s``, ``eval_time_s``), ``curves.png`` (drawn
+    after the last epoch, when the run stops early, and every
+    :data:`CURVES_EVERY_S` seconds in between), ``config.json`` and
+    ``checkpoints/`` (orbax, one per epoch, the last
     ``config.checkpoint_keep`` kept). If ``workdir`` already holds a checkpoint of
     the same model and optimizer, training resumes after its epoch, and ends
     exactly where an uninterrupted run would have: shuffling depends only on the
@@ -851,39 +884,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="train",
                       unit="epoch", initial=start_epoch, total=config.num_epochs,
                       file=sys.stderr, disable=None)
-        for epoch in epochs:
-            start = time.perf_counter()
-            batch_indices = shuffle_batches(
-                epoch_key(config.seed, epoch), num_train, config.batch_size)
-            state, loss_sum, num_correct = _run_chunks(
-                epoch_fn, state, train_images, train_labels, batch_indices, chunks, epoch)
-            epoch_time = time.perf_counter() - start
+        curves = _Curves(workdir / "curves.png", history)
+        try:
+            for epoch in epochs:
+                start = time.perf_counter()
+                batch_indices = shuffle_batches(
+                    epoch_key(config.seed, epoch), num_train, config.batch_size)
+                state, loss_sum, num_correct = _run_chunks(
+                    epoch_fn, state, train_images, train_labels, batch_indices, chunks, epoch)
+                epoch_time = time.perf_counter() - start
 
-            start = time.perf_counter()
-            test = jax.device_get(eval_fn(state.params, eval_data))
-            record = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "train_loss": loss_sum / steps_per_epoch,
-                "train_accuracy": num_correct / (steps_per_epoch * config.batch_size),
-                "test_loss": float(test["loss"]),
-                "test_accuracy": float(test["accuracy"]),
-                "epoch_time_s": epoch_time,
-                "eval_time_s": time.perf_counter() - start,
-                **compression_metrics(config, state),
-            }
-            history.append(record)
-            # Metrics before the checkpoint: a run killed in between redoes the
-            # epoch, and _resume drops the record the checkpoint does not cover.
+                start = time.perf_counter()
+                test = jax.device_get(eval_fn(state.params, eval_data))
+                record = {
+                    "epoch": epoch,
+                    "step": int(state.step),
+                    "train_loss": loss_sum / steps_per_epoch,
+                    "train_accuracy": num_correct / (steps_per_epoch * config.batch_size),
+                    "test_loss": float(test["loss"]),
+                    "test_accuracy": float(test["accuracy"]),
+                    "epoch_time_s": epoch_time,
+                    "eval_time_s": time.perf_counter() - start,
+                    **compression_metrics(config, state),
+                }
+                history.append(record)
+                # Metrics before the checkpoint: a run killed in between redoes the
+                # epoch, and _resume drops the record the checkpoint does not cover.
+                if distributed.is_primary_process():
+                    _append_record(metrics_path, record)
+                    curves.update(final=epoch == config.num_epochs)
+                residuals = epoch_fn.residuals() if data_parallel else None
+                checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
+                                 config, residuals=residuals,
+                                 image_shape=list(dataset.train_images.shape[1:]),
+                                 num_classes=dataset.num_classes)
+                epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
+        finally:  # an interrupted run (Ctrl-C, an error) still draws what it trained
             if distributed.is_primary_process():
-                _append_record(metrics_path, record)
-                plot_curves(history, workdir / "curves.png")
-            residuals = epoch_fn.residuals() if data_parallel else None
-            checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
-                             config, residuals=residuals,
-                             image_shape=list(dataset.train_images.shape[1:]),
-                             num_classes=dataset.num_classes)
-            epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
+                curves.update(final=True)
 
     params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
     return TrainResult(params, history[-1] if history else {}, history, state)

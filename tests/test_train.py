@@ -99,6 +99,36 @@ def test_metrics_file_and_curves(runs):
     assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_curves_are_drawn_at_the_end_every_interval_and_when_interrupted(
+        tmp_path, fashion, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(train, "plot_curves",
+                        lambda history, path: drawn.append([r["epoch"] for r in history]))
+    # Within the interval: drawn once, after the last epoch, with every epoch.
+    train.train_and_evaluate(small_config(num_epochs=3), tmp_path / "quick", dataset=fashion)
+    assert drawn == [[1, 2, 3]]
+    # An interval of 0: after every epoch.
+    drawn.clear()
+    monkeypatch.setattr(train, "CURVES_EVERY_S", 0.0)
+    train.train_and_evaluate(small_config(num_epochs=2), tmp_path / "each", dataset=fashion)
+    assert drawn == [[1], [1, 2]]
+    # Interrupted in epoch 2 (Ctrl-C while checkpointing): epoch 1 is still drawn.
+    drawn.clear()
+    monkeypatch.setattr(train, "CURVES_EVERY_S", 3600.0)
+    save = checkpoints.save
+
+    def interrupt_second(manager, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return save(manager, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(small_config(num_epochs=3), tmp_path / "stopped",
+                                 dataset=fashion)
+    assert drawn == [[1, 2]]  # the record of epoch 2 was written before the checkpoint
+
+
 def test_shuffle_is_a_permutation_dropping_the_remainder():
     indices = np.asarray(train.shuffle_batches(jax.random.key(0), 10, 3))
     assert indices.shape == (3, 3)
