@@ -325,7 +325,8 @@ def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
     keys = _order_keys(scores)
     num_pruned = jnp.asarray(num_pruned, jnp.int32)
 
-    def halve(_, bounds):  # keeps count(keys <= high) >= num_pruned > count(keys < low)
+    # The smallest key t with count(keys <= t) >= num_pruned stays in [low, high].
+    def halve(_, bounds):
         low, high = bounds
         middle = low + (high - low) // 2
         enough = jnp.sum(keys <= middle, dtype=jnp.int32) >= num_pruned
