@@ -912,14 +912,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 # epoch, and _resume drops the record the checkpoint does not cover.
                 if distributed.is_primary_process():
                     _append_record(metrics_path, record)
-                    curves.update(final=epoch == config.num_epochs)
+                    curves.update(final=False)
                 residuals = epoch_fn.residuals() if data_parallel else None
                 checkpoints.save(checkpoint_manager, epoch, distributed.to_global_arrays(state),
                                  config, residuals=residuals,
                                  image_shape=list(dataset.train_images.shape[1:]),
                                  num_classes=dataset.num_classes)
                 epochs.write(_format_record(record, config.num_epochs), file=sys.stdout)
-        finally:  # an interrupted run (Ctrl-C, an error) still draws what it trained
+        finally:  # after the last epoch, or what an interrupted run (Ctrl-C, an error) trained
             if distributed.is_primary_process():
                 curves.update(final=True)
 
