@@ -4,17 +4,18 @@
 the pieces it is made of are small public functions so that other loops
 (data-parallel, pruning, notebooks) can reuse or replace one of them:
 
-=====================  ===============================================================
-``create_model``       the Flax Linen model named by ``config.model``
-``create_optimizer``   the jopt optimizer named by ``config.optimizer`` (+ schedule, clip)
-``make_apply_fn``      ``(params, uint8 images) -> float32 logits``: normalises on device,
-                       unpacks flat params, runs in ``config.compute_dtype``
-``make_loss_fn``       mean softmax cross-entropy (optax's) and the logits
-``make_train_step``    one optimizer step on one batch
-``build_epoch_fn``     the jitted ``lax.scan`` of train steps over an epoch (or chunk)
-``build_eval_fn``      the jitted, batched test-set evaluation
-``shuffle_batches``    the epoch's batch indices, a permutation keyed by seed and epoch
-=====================  ===============================================================
+==========================  ===============================================================
+``create_model``            the Flax Linen model named by ``config.model``
+``create_optimizer``        the jopt optimizer named by ``config.optimizer`` (+ schedule, clip)
+``make_apply_fn``           ``(params, uint8 images) -> float32 logits``: normalises on device,
+                            unpacks flat params, runs in ``config.compute_dtype``
+``make_loss_fn``            mean softmax cross-entropy (optax's) and the logits
+``make_train_step``         one optimizer step on one batch
+``build_epoch_fn``          the jitted ``lax.scan`` of train steps over an epoch (or chunk)
+``build_eval_fn``           the jitted, batched test-set evaluation
+``compiler_options_for``    the XLA options both are compiled with (the CNN's, on CPU)
+``shuffle_batches``         the epoch's batch indices, a permutation keyed by seed and epoch
+==========================  ===============================================================
 
 How an epoch runs. The uint8 images and int32 labels are put on the device once.
 Each epoch, ``shuffle_batches`` draws a permutation from a key derived from
@@ -56,7 +57,7 @@ from jopt import checkpoints
 from jopt import data as data_lib
 from jopt import distributed, optimizers, parallel, pruning, quantization, schedules, storage
 from jopt.flat import FlatParams
-from jopt.models import CNN, MLP
+from jopt.models import CNN, MLP, conv_compiler_options
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -71,6 +72,7 @@ __all__ = [
     "WorkdirError",
     "build_epoch_fn",
     "build_eval_fn",
+    "compiler_options_for",
     "create_model",
     "create_optimizer",
     "create_pruning",
@@ -580,7 +582,7 @@ def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
         )
         return state, {"loss_sum": loss_sum, "num_correct": correct}
 
-    return jax.jit(epoch_fn, donate_argnums=0)
+    return jax.jit(epoch_fn, donate_argnums=0, compiler_options=compiler_options_for(config))
 
 
 # --------------------------------------------------------------------------- eval
@@ -610,8 +612,18 @@ def prepare_eval_data(images: np.ndarray, labels: np.ndarray, batch_size: int) -
     return EvalData(batched(images), batched(labels), batched(weights))
 
 
-def build_eval_fn(apply_fn: ApplyFn):
-    """The jitted evaluation ``eval_fn(params, eval_data) -> {"loss", "accuracy"}``."""
+def compiler_options_for(config: ml_collections.ConfigDict) -> dict[str, str] | None:
+    """The XLA options jopt compiles ``config``'s training and evaluation with:
+    :func:`jopt.models.conv_compiler_options` for the CNN (on CPU: XLA's own
+    convolution kernels, 2x faster per step than YNNPACK's); none for the MLP."""
+    if config.model.name == "cnn":
+        return conv_compiler_options() or None
+    return None
+
+
+def build_eval_fn(apply_fn: ApplyFn, compiler_options: dict[str, str] | None = None):
+    """The jitted evaluation ``eval_fn(params, eval_data) -> {"loss", "accuracy"}``,
+    compiled with ``compiler_options`` (see :func:`compiler_options_for`)."""
 
     def eval_fn(params, eval_data: EvalData):
         def body(totals, batch):
@@ -626,7 +638,7 @@ def build_eval_fn(apply_fn: ApplyFn):
         count = jnp.sum(eval_data.weights)
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
-    return jax.jit(eval_fn)
+    return jax.jit(eval_fn, compiler_options=compiler_options)
 
 
 # --------------------------------------------------------------------------- loop
@@ -856,7 +868,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx = create_optimizer(config, steps_per_epoch)
     apply_fn = make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype])
     epoch_fn = build_epoch_fn(config, make_loss_fn(apply_fn), tx)
-    eval_fn = build_eval_fn(apply_fn)
+    eval_fn = build_eval_fn(apply_fn, compiler_options_for(config))
     state = init_train_state(config, model, tx, dataset.train_images.shape[1:])
 
     train_images = jax.device_put(dataset.train_images)
@@ -973,7 +985,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, *,
     eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
                                   config.eval_batch_size)
     apply_fn = make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype])
-    result = jax.device_get(build_eval_fn(apply_fn)(state.params, eval_data))
+    result = jax.device_get(
+        build_eval_fn(apply_fn, compiler_options_for(config))(state.params, eval_data))
     return {"epoch": meta["epoch"], "test_loss": float(result["loss"]),
             "test_accuracy": float(result["accuracy"]), "num_test": len(dataset.test_images)}
 
@@ -1011,15 +1024,16 @@ def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
     eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
                                   config.eval_batch_size)
     params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
-    float_result = build_eval_fn(make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype]))(
-        params, eval_data)
+    float_result = build_eval_fn(make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype]),
+                                 compiler_options_for(config))(params, eval_data)
 
     def integer_apply(qvariables, images):
         x = images.astype(jnp.float32) * (1.0 / 255.0)
         return quantization.quantized_apply(model, qvariables, x).astype(jnp.float32)
 
     qvariables = quantization.quantize_params(params, mode)
-    result = jax.device_get(build_eval_fn(integer_apply)(qvariables, eval_data))
+    result = jax.device_get(
+        build_eval_fn(integer_apply, compiler_options_for(config))(qvariables, eval_data))
     sizes = quantization.size_report(params, qvariables)
     path = Path(workdir) / f"quantized_{mode}.npz"
     record = {

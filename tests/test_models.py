@@ -1,10 +1,16 @@
-"""Tests of jopt.models: shapes, parameter counts, the compute dtype."""
+"""Tests of jopt.models: shapes, parameter counts, the compute dtype, the
+convolution whose gradient stays canonical."""
+
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
 
-from jopt.models import CNN, MLP, num_params
+from jopt import models
+from jopt.models import CNN, MLP, conv_general_dilated, num_params
 
 
 def test_mlp_is_the_reference_784_64_64_10():
@@ -60,3 +66,130 @@ def test_cnn_rejects_inputs_it_cannot_convolve(shape, message):
     model = CNN(conv_features=(2, 4), hidden_sizes=(8,))
     with pytest.raises(ValueError, match=message):
         model.init(jax.random.key(0), jnp.zeros(shape))
+
+
+CONV_CASES = [  # (spatial dims, kernel, stride, padding, input size)
+    (1, 3, 1, "SAME", 9), (1, 4, 2, "VALID", 9), (1, 2, 3, [(1, 1)], 10),
+    *[(2, k, s, pad, n) for k, s in [(1, 1), (3, 1), (3, 2), (4, 2), (2, 3)]
+      for pad in ("SAME", "VALID", "explicit") for n in (8, 9)],
+]
+
+
+@pytest.mark.parametrize("nd, k, stride, padding, n", CONV_CASES)
+def test_conv_general_dilated_matches_lax_in_value_and_gradient(nd, k, stride, padding, n):
+    if padding == "explicit":
+        padding = [(min(1, k - 1), min(2, k - 1))] * nd
+    dn = ("NWC", "WIO", "NWC") if nd == 1 else ("NHWC", "HWIO", "NHWC")
+    rng = np.random.default_rng(k * 100 + stride * 10 + n)
+    x = jnp.asarray(rng.normal(size=(3, *(n,) * nd, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*(k,) * nd, 4, 5)), jnp.float32)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride,) * nd, padding,
+                                                 dimension_numbers=dn)))
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(conv_general_dilated)))(x, w))
+    assert "_canonical_conv" in jaxpr  # the case takes the canonical path
+    ours = jax.jit(jax.grad(loss(conv_general_dilated), (0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(lax.conv_general_dilated), (0, 1)))(x, w)
+    np.testing.assert_allclose(jax.jit(loss(conv_general_dilated))(x, w),
+                               jax.jit(loss(lax.conv_general_dilated))(x, w), rtol=1e-6)
+    for got, expected in zip(ours, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The branch other platforms take is JAX's own gradient; it agrees too.
+    y, vjp = jax.vjp(lambda x, w: lax.conv_general_dilated(x, w, (stride,) * nd, padding,
+                                                           dimension_numbers=dn), x, w)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    pads = padding if not isinstance(padding, str) else lax.padtype_to_pads(
+        x.shape[1:-1], w.shape[:nd], (stride,) * nd, padding)
+    pads = tuple(tuple(p) for p in pads)
+    for branch in (models._canonical_conv_grads, models._jax_conv_grads):
+        for got, expected in zip(branch((stride,) * nd, pads, None, x, w, dy), vjp(dy)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+    {"dimension_numbers": None},
+    {"feature_group_count": 2},
+    {"rhs_dilation": (2, 2)},
+    {"lhs_dilation": (2, 1), "padding": [(1, 1), (1, 1)]},
+    {"padding": [(3, 0), (1, 1)]},
+    {"preferred_element_type": jnp.float32},
+])
+def test_conv_general_dilated_hands_other_cases_to_lax_unchanged(kwargs):
+    kwargs = {"padding": "SAME", "dimension_numbers": ("NHWC", "HWIO", "NHWC"), **kwargs}
+    nchw = kwargs["dimension_numbers"] is None or kwargs["dimension_numbers"][0] == "NCHW"
+    x = jax.random.normal(jax.random.key(0), (2, 4, 8, 8) if nchw else (2, 8, 8, 4))
+    in_features = 4 // kwargs.get("feature_group_count", 1)
+    w = jax.random.normal(jax.random.key(1), (6, in_features, 3, 3) if nchw else (3, 3, in_features, 6))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(conv(x, w, (1, 1), **kwargs) ** 2)
+
+    assert "_canonical_conv" not in str(jax.make_jaxpr(jax.grad(loss(conv_general_dilated)))(x, w))
+    for got, expected in zip(jax.jit(jax.grad(loss(conv_general_dilated), (0, 1)))(x, w),
+                             jax.jit(jax.grad(loss(lax.conv_general_dilated), (0, 1)))(x, w)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_cnn_gradient_convolutions_stay_canonical_inside_a_scan():
+    """XLA:CPU rewrites non-canonical convolutions into its fast layout only outside
+    loops; JAX's own convolution gradient inside a ``lax.scan`` compiled to naive loops
+    (``f01b_i01o->01bf``, 14x slower for configs/cnn.py). Every convolution of the CNN's
+    training step inside a scan must be the canonical NHWC x HWIO one."""
+    model = CNN(conv_features=(4, 8), hidden_sizes=(16,))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    x = jax.random.uniform(jax.random.key(1), (8, 28, 28))
+    labels = jnp.arange(8) % 10
+
+    def loss(p):
+        logits = model.apply(p, x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    def epoch(p):
+        def step(p, _):
+            g = jax.grad(loss)(p)
+            return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), None
+        return lax.scan(step, p, None, length=2)[0]
+
+    hlo = jax.jit(epoch).lower(params).compile().as_text()
+    labels_seen = re.findall(r"dim_labels=([^,\s]+)", hlo)
+    # 2 forward, 1 input gradient (the first layer's is never needed), 2 kernel gradients
+    assert len(labels_seen) == 5, labels_seen
+    assert set(labels_seen) == {"b01f_01io->b01f"}, labels_seen
+    assert "conditional" not in hlo  # the platform switch is resolved when compiling
+
+
+def _convolutions_in_ynn_fusions(hlo: str) -> int:
+    """Convolutions that XLA:CPU placed inside YNNPACK fusions of a compiled program."""
+    called = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"__ynn_fusion"', hlo))
+    return sum(block.count(" convolution(") for block in hlo.split("\n\n")
+               if block.strip().split(" ", 1)[0] in called)
+
+
+def test_conv_compiler_options_keep_convolutions_in_xla_on_cpu_only():
+    assert models.conv_compiler_options("gpu") == {}
+    assert models.conv_compiler_options("tpu") == {}
+    options = models.conv_compiler_options()
+    assert options and models.conv_compiler_options("cpu") == options
+    options["changed"] = "x"  # a copy: the caller may edit it
+    assert "changed" not in models.conv_compiler_options()
+
+    # configs/cnn.py's channels: jaxlib 0.10's defaults put all 5 convolutions of the
+    # gradient in YNNPACK fusions.
+    model = CNN(conv_features=(32, 64), hidden_sizes=(16,))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    x = jnp.ones((8, 28, 28))
+    step = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2)),
+                   compiler_options=models.conv_compiler_options())
+    hlo = step.lower(params).compile().as_text()
+    assert len(re.findall(r" convolution\(", hlo)) == 5  # 2 forward, 3 gradient
+    assert _convolutions_in_ynn_fusions(hlo) == 0
+    # An MLP compiles to the same program with or without them.
+    mlp = MLP(hidden_sizes=(8,))
+    mlp_params = jax.jit(mlp.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    grad = jax.grad(lambda p: jnp.sum(mlp.apply(p, x) ** 2))
+    assert (jax.jit(grad, compiler_options=models.conv_compiler_options())
+            .lower(mlp_params).compile().as_text()
+            == jax.jit(grad).lower(mlp_params).compile().as_text())
