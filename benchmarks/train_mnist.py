@@ -1,4 +1,4 @@
-"""Benchmark: one training epoch of the Fashion-MNIST MLP, jopt vs the usual loops.
+"""Benchmark: one training epoch of the Fashion-MNIST MLP (or CNN), jopt vs the usual loops.
 
 On the same data (Fashion-MNIST, the full 60k training set) and the same model
 (MLP 784-64(relu)-64(relu)-10, Adam 1e-3, batch 128, last partial batch dropped),
@@ -21,18 +21,30 @@ Every loop is run once to compile / warm up; then the loops take turns for
 machine may be shared, and turns expose every loop to the same noise). In the
 same rounds it measures the machine's float32 matmul rate (a jitted 2048x2048
 matmul) and reports the fraction of it that jopt's epoch reaches, counting the
-MLP's FLOPs: forward ``2·B·(784·64 + 64·64 + 64·10)`` per step, backward twice
-that minus the first layer's unneeded input gradient.
+model's FLOPs: forward ``2·B·(784·64 + 64·64 + 64·10)`` per step for the MLP,
+backward twice that minus the first layer's unneeded input gradient.
+
+``--model cnn`` times the same loops with ``configs/cnn.py``'s network (3x3
+convolutions of 32 and 64 channels with 2x2 average pooling, a 256-unit dense
+layer; PyTorch's is the same network in NCHW) over the first ``--steps`` batches
+(default 40: a CNN epoch takes tens of seconds on a CPU), and adds
+
+  (a') jopt, lax conv - jopt's loop with the CNN's convolutions as plain
+                 ``jax.lax.conv_general_dilated``: the cost of XLA:CPU compiling
+                 their gradient inside the epoch's ``lax.scan`` to naive loops,
+                 which :func:`jopt.models.conv_general_dilated` avoids.
 
 Usage::
 
-    python benchmarks/train_mnist.py            # table
-    python benchmarks/train_mnist.py --json     # one JSON object
+    python benchmarks/train_mnist.py               # table
+    python benchmarks/train_mnist.py --json        # one JSON object
+    python benchmarks/train_mnist.py --model cnn   # the CNN, 40 steps per epoch
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,18 +59,36 @@ from flax.training import train_state
 
 from jopt import data, train
 from jopt.cli import load_config
-from jopt.models import MLP
+from jopt.models import CNN, MLP
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
-                      "fashion_mnist_mlp.py")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+CONFIGS = {"mlp": os.path.join(CONFIG_DIR, "fashion_mnist_mlp.py"),
+           "cnn": os.path.join(CONFIG_DIR, "cnn.py")}
+CNN_FEATURES, CNN_HIDDEN = (32, 64), 256  # configs/cnn.py's network
 
 
 def mlp_flops_per_step(batch: int, sizes=(784, 64, 64, 10)) -> int:
     layers = list(zip(sizes[:-1], sizes[1:]))
-    forward = sum(2 * batch * n_in * n_out for n_in, n_out in layers)
-    weight_grads = forward
-    input_grads = sum(2 * batch * n_in * n_out for n_in, n_out in layers[1:])
-    return forward + weight_grads + input_grads
+    return _training_flops([2 * batch * n_in * n_out for n_in, n_out in layers])
+
+
+def cnn_flops_per_step(batch: int, side: int = 28) -> int:
+    """configs/cnn.py's CNN: 3x3 'SAME' convolutions, each followed by 2x2 pooling,
+    then the dense head (pooling, relu and the loss are not counted)."""
+    layers, channels = [], 1
+    for features in CNN_FEATURES:
+        layers.append(2 * batch * side * side * 9 * channels * features)
+        channels, side = features, side // 2
+    sizes = (side * side * channels, CNN_HIDDEN, 10)
+    layers += [2 * batch * n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+    return _training_flops(layers)
+
+
+def _training_flops(forward_per_layer: list[int]) -> int:
+    """Forward, the weight gradients (as many FLOPs again) and the input gradients of
+    every layer but the first (the images need none)."""
+    forward = sum(forward_per_layer)
+    return 2 * forward + sum(forward_per_layer[1:])
 
 
 def matmul_runner(n: int = 2048):
@@ -78,10 +108,14 @@ def _timed(fn) -> float:
 # --------------------------------------------------------------------------- (a) jopt
 
 
-def jopt_epoch(dataset, batch_size):
-    config = load_config(CONFIG, [f"--config.batch_size={batch_size}"])
+def jopt_epoch(dataset, batch_size, model_name="mlp", lax_conv=False):
+    """``lax_conv``: compile the epoch with the CNN's convolutions as plain
+    ``jax.lax.conv_general_dilated`` (loop (a'))."""
+    config = load_config(CONFIGS[model_name], [f"--config.batch_size={batch_size}"])
     num_train = len(dataset.train_images)
     model = train.create_model(config, dataset.num_classes)
+    if lax_conv:
+        model = model.clone(conv=jax.lax.conv_general_dilated)
     tx = train.create_optimizer(config, num_train // batch_size)
     epoch_fn = train.build_epoch_fn(
         config, train.make_loss_fn(train.make_apply_fn(model)), tx)
@@ -103,8 +137,15 @@ def jopt_epoch(dataset, batch_size):
 # --------------------------------------------------------------------------- (b), (c) Flax
 
 
-def _flax_state(batch_size):
-    model = MLP()
+def _flax_model(model_name):
+    """The model as plain Flax writes it (``nn.Conv``'s own ``lax.conv_general_dilated``)."""
+    if model_name == "mlp":
+        return MLP()
+    return CNN(CNN_FEATURES, (CNN_HIDDEN,), conv=jax.lax.conv_general_dilated)
+
+
+def _flax_state(batch_size, model_name="mlp"):
+    model = _flax_model(model_name)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28)))
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=optax.adam(1e-3))
@@ -116,7 +157,7 @@ def _flax_loss(params, apply_fn, images, labels):
     return loss, logits
 
 
-def flax_example_epoch(dataset, batch_size):
+def flax_example_epoch(dataset, batch_size, model_name="mlp"):
     """The Flax MNIST example's ``train_epoch`` (examples/mnist/train.py), verbatim in
     structure: a jitted ``apply_model`` (gradients, loss, accuracy) and a jitted
     ``update_model`` per batch, the permutation from ``jax.random``, batches indexed
@@ -135,7 +176,7 @@ def flax_example_epoch(dataset, batch_size):
     def update_model(state, grads):
         return state.apply_gradients(grads=grads)
 
-    holder = {"state": _flax_state(batch_size), "rng": jax.random.key(0)}
+    holder = {"state": _flax_state(batch_size, model_name), "rng": jax.random.key(0)}
 
     def run():
         holder["rng"], key = jax.random.split(holder["rng"])
@@ -157,7 +198,7 @@ def flax_example_epoch(dataset, batch_size):
     return run
 
 
-def flax_step_epoch(dataset, batch_size):
+def flax_step_epoch(dataset, batch_size, model_name="mlp"):
     """One fused jitted train step per batch, batches fed as float32 numpy arrays
     (the older Flax MNIST example's ``train_step``): a leaner per-step loop."""
     images = (dataset.train_images.astype(np.float32) / 255.0)
@@ -171,7 +212,7 @@ def flax_step_epoch(dataset, batch_size):
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return state.apply_gradients(grads=grads), loss, accuracy
 
-    holder = {"state": _flax_state(batch_size), "rng": np.random.default_rng(0)}
+    holder = {"state": _flax_state(batch_size, model_name), "rng": np.random.default_rng(0)}
 
     def run():
         perm = holder["rng"].permutation(len(images))[: steps * batch_size]
@@ -188,7 +229,7 @@ def flax_step_epoch(dataset, batch_size):
     return run
 
 
-def flax_scan_epoch(dataset, batch_size):
+def flax_scan_epoch(dataset, batch_size, model_name="mlp"):
     """Flax + optax with the epoch in one lax.scan over float32 data on the device."""
     images = jax.device_put(dataset.train_images.astype(np.float32) / 255.0)
     labels = jax.device_put(dataset.train_labels)
@@ -206,7 +247,7 @@ def flax_scan_epoch(dataset, batch_size):
         state, losses = jax.lax.scan(body, state, perm.reshape(steps, batch_size))
         return state, losses.mean()
 
-    holder = {"state": _flax_state(batch_size), "epoch": 0}
+    holder = {"state": _flax_state(batch_size, model_name), "epoch": 0}
 
     def run():
         holder["epoch"] += 1
@@ -220,19 +261,34 @@ def flax_scan_epoch(dataset, batch_size):
 # --------------------------------------------------------------------------- (d) torch
 
 
-def torch_epoch(dataset, batch_size, device="cpu"):
+def torch_model(model_name="mlp"):
+    """jopt's MLP or CNN in PyTorch (the CNN in NCHW)."""
+    from torch import nn
+
+    if model_name == "mlp":
+        layers = [nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)]
+    else:
+        layers, channels, side = [], 1, 28
+        for features in CNN_FEATURES:
+            layers += [nn.Conv2d(channels, features, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+            channels, side = features, side // 2
+        layers += [nn.Flatten(), nn.Linear(channels * side * side, CNN_HIDDEN), nn.ReLU(),
+                   nn.Linear(CNN_HIDDEN, 10)]
+    return nn.Sequential(*layers)
+
+
+def torch_epoch(dataset, batch_size, device="cpu", model_name="mlp"):
     """The PyTorch loop; ``device="cuda"`` keeps data and model on the GPU."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    images = torch.from_numpy(dataset.train_images.reshape(len(dataset.train_images), -1)
+    shape = (-1,) if model_name == "mlp" else (1, 28, 28)  # NCHW for the CNN
+    images = torch.from_numpy(dataset.train_images.reshape(len(dataset.train_images), *shape)
                               .astype(np.float32) / 255.0).to(device)
     labels = torch.from_numpy(dataset.train_labels.astype(np.int64)).to(device)
     steps = len(images) // batch_size
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 10)).to(device)
+    model = torch_model(model_name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -259,22 +315,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per loop (best kept)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="the MLP (configs/fashion_mnist_mlp.py) or the CNN (configs/cnn.py)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="batches per timed epoch (default: all for the MLP, 40 for the CNN)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
     dataset = data.load("fashion_mnist")
-    loops = {
-        "jopt": jopt_epoch(dataset, args.batch_size),
-        "flax_example": flax_example_epoch(dataset, args.batch_size),
-        "flax_optax_step": flax_step_epoch(dataset, args.batch_size),
-        "flax_optax_scan": flax_scan_epoch(dataset, args.batch_size),
-    }
+    steps = args.steps
+    if steps is None and args.model == "cnn":
+        steps = 40
+    if steps is not None:
+        if steps < 1 or steps * args.batch_size > len(dataset.train_images):
+            parser.error(f"--steps must be in [1, {len(dataset.train_images) // args.batch_size}]"
+                         f" at batch size {args.batch_size}, got {steps}")
+        dataset = dataclasses.replace(dataset,
+                                      train_images=dataset.train_images[:steps * args.batch_size],
+                                      train_labels=dataset.train_labels[:steps * args.batch_size])
+    model = args.model
+    loops = {"jopt": jopt_epoch(dataset, args.batch_size, model)}
+    if model == "cnn":
+        loops["jopt_lax_conv"] = jopt_epoch(dataset, args.batch_size, model, lax_conv=True)
+    loops.update({
+        "flax_example": flax_example_epoch(dataset, args.batch_size, model),
+        "flax_optax_step": flax_step_epoch(dataset, args.batch_size, model),
+        "flax_optax_scan": flax_scan_epoch(dataset, args.batch_size, model),
+    })
     torch_version = None
     if not args.no_torch:
         try:
             # Same accelerator as JAX: on a GPU machine PyTorch runs on CUDA too.
             device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-            loops["torch"], torch_version = torch_epoch(dataset, args.batch_size, device)
+            loops["torch"], torch_version = torch_epoch(dataset, args.batch_size, device, model)
         except ImportError:
             pass
 
@@ -293,8 +366,10 @@ def main() -> None:
 
     peak = matmul_flops / min(matmul_times)
     steps = len(dataset.train_images) // args.batch_size
-    flops = steps * mlp_flops_per_step(args.batch_size)
+    per_step = (mlp_flops_per_step if model == "mlp" else cnn_flops_per_step)(args.batch_size)
+    flops = steps * per_step
     result = {
+        "model": model,
         "epoch_s": best,
         "first_epoch_s": first,
         "all_epoch_s": times,
@@ -302,6 +377,8 @@ def main() -> None:
         "speedup_vs_flax_optax_step": best["flax_optax_step"] / best["jopt"],
         "speedup_vs_flax_optax_scan": best["flax_optax_scan"] / best["jopt"],
         "speedup_vs_torch": best["torch"] / best["jopt"] if "torch" in best else None,
+        "speedup_vs_lax_conv": (best["jopt_lax_conv"] / best["jopt"]
+                                if "jopt_lax_conv" in best else None),
         "matmul_peak_gflops": peak / 1e9,
         "jopt_gflops": flops / best["jopt"] / 1e9,
         "fraction_of_matmul_peak": flops / best["jopt"] / peak,
@@ -318,10 +395,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"Fashion-MNIST MLP 784-64-64-10, Adam 1e-3, batch {args.batch_size}, "
+    network = ("MLP 784-64-64-10" if model == "mlp" else
+               f"CNN conv{CNN_FEATURES}-dense{CNN_HIDDEN}-10")
+    print(f"Fashion-MNIST {network}, Adam 1e-3, batch {args.batch_size}, "
           f"{steps} steps/epoch; best of {args.repeats} epochs after a warm-up, "
           f"{os.cpu_count()} cores, {result['device']}")
-    labels = {"jopt": "(a) jopt", "flax_example": "(b) Flax MNIST example loop",
+    labels = {"jopt": "(a) jopt", "jopt_lax_conv": "(a') jopt with lax's convolution",
+              "flax_example": "(b) Flax MNIST example loop",
               "flax_optax_step": "(b') Flax+optax, one jit per step",
               "flax_optax_scan": "(c) Flax+optax, lax.scan epoch", "torch": "(d) PyTorch"}
     for name, seconds in best.items():

@@ -56,3 +56,31 @@ def test_update_benchmark_command_line_prints_one_json_object():
     result = json.loads(out.stdout)
     assert result["platform"] == jax.default_backend()  # the same JAX_PLATFORMS
     assert result["single_leaf"]["size"] == 4096
+
+
+def test_train_benchmark_counts_each_models_flops_and_builds_the_same_networks():
+    bench = _load("train_mnist")
+    # Per example. MLP forward 2*(784*64 + 64*64 + 64*10); weight gradients as much;
+    # input gradients of the 2nd and 3rd layers.
+    assert bench.mlp_flops_per_step(1) == 2 * 109_824 + 2 * (64 * 64 + 64 * 10)
+    # CNN: 3x3 convolutions 1->32 at 28x28 and 32->64 at 14x14, dense 3136->256->10.
+    layers = [2 * 784 * 9 * 32, 2 * 196 * 9 * 32 * 64, 2 * 3136 * 256, 2 * 256 * 10]
+    assert bench.cnn_flops_per_step(1) == 2 * sum(layers) + sum(layers[1:])
+    assert bench.cnn_flops_per_step(128) == 128 * bench.cnn_flops_per_step(1)
+    from jopt.cli import load_config
+
+    config = load_config(bench.CONFIGS["cnn"])  # the network jopt's loop trains
+    assert tuple(config.model.conv_features) == bench.CNN_FEATURES
+    assert tuple(config.model.hidden_sizes) == (bench.CNN_HIDDEN,)
+
+    torch = pytest.importorskip("torch")
+    from jopt.models import num_params
+
+    for name in ("mlp", "cnn"):
+        flax_model = bench._flax_model(name)
+        params = jax.eval_shape(flax_model.init, jax.random.key(0), jax.ShapeDtypeStruct(
+            (1, 28, 28), jax.numpy.float32))
+        torch_params = sum(p.numel() for p in bench.torch_model(name).parameters())
+        assert num_params(params) == torch_params, name
+        if name == "cnn":
+            assert bench.torch_model(name)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
