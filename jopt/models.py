@@ -116,7 +116,9 @@ class CNN(nn.Module):
       input_mean, input_std: input standardisation (see :class:`MLP`).
       conv: the convolution the layers call, with ``lax.conv_general_dilated``'s
         signature (``None``: :func:`conv_general_dilated`, which keeps the gradient
-        fast on CPU inside ``lax.scan``; the parameters do not depend on it).
+        fast on CPU inside ``lax.scan`` but supports reverse-mode differentiation
+        only; ``jax.lax.conv_general_dilated`` for forward mode). The parameters do
+        not depend on it.
     """
 
     conv_features: Sequence[int] = (32, 64)
@@ -187,6 +189,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     so it is for anything outside the canonical case: other dimension orders, groups,
     input or kernel dilation, ``preferred_element_type``, padding below 0 or of a
     kernel's size or more. Values agree with JAX's gradient to float rounding.
+
+    The gradient is a ``jax.custom_vjp``: reverse mode (``grad``, ``vjp``, also
+    nested) works, forward mode (``jvp``, ``jacfwd``, ``hessian``) does not - JAX
+    refuses it for custom-VJP functions. For forward mode use
+    ``lax.conv_general_dilated`` (``CNN(conv=jax.lax.conv_general_dilated)``).
     """
     nd = lhs.ndim - 2
     ones = (1,) * nd

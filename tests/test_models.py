@@ -193,3 +193,17 @@ def test_conv_compiler_options_keep_convolutions_in_xla_on_cpu_only():
     assert (jax.jit(grad, compiler_options=models.conv_compiler_options())
             .lower(mlp_params).compile().as_text()
             == jax.jit(grad).lower(mlp_params).compile().as_text())
+
+
+def test_cnn_with_lax_convolution_supports_forward_mode():
+    """jopt's convolution is reverse-mode only (a custom VJP); the ``conv`` attribute
+    gives lax's back, with the same parameters and outputs."""
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8))
+    ours = CNN(conv_features=(2, 4), hidden_sizes=(8,))
+    theirs = CNN(conv_features=(2, 4), hidden_sizes=(8,), conv=lax.conv_general_dilated)
+    params = jax.jit(ours.init)(jax.random.key(0), x)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda p: ours.apply(p, x), (params,), (params,))
+    _, tangent = jax.jvp(lambda p: theirs.apply(p, x), (params,), (params,))
+    assert tangent.shape == (2, 10) and bool(jnp.all(jnp.isfinite(tangent)))
