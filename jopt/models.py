@@ -205,7 +205,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
     if (nd < 1 or rhs.ndim != lhs.ndim or dimension_numbers is None
-            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _canonical(lhs.ndim)
+            or (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                != _canonical(lhs.ndim))
             or feature_group_count != 1 or batch_group_count != 1
             or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones
             or preferred_element_type is not None or lhs.dtype != rhs.dtype):
@@ -310,7 +311,8 @@ def _canonical_conv_grads(strides, pads, precision, x, w, dy):
     dn = _canonical(x.ndim)
     flipped = jnp.swapaxes(lax.rev(w, tuple(range(nd))), -1, -2)     # [k..., out, in]
     dx = lax.conv_general_dilated(
-        dy, flipped, ones, [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(kernel, pads, rest)],
+        dy, flipped, ones,
+        [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(kernel, pads, rest)],
         lhs_dilation=strides, dimension_numbers=dn, precision=precision)
     # Kernel gradient: [in, spatial..., batch] input, [out spatial..., batch, out] kernel.
     xt = jnp.moveaxis(x, (0, x.ndim - 1), (x.ndim - 1, 0))

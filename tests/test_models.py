@@ -122,7 +122,8 @@ def test_conv_general_dilated_hands_other_cases_to_lax_unchanged(kwargs):
     nchw = kwargs["dimension_numbers"] is None or kwargs["dimension_numbers"][0] == "NCHW"
     x = jax.random.normal(jax.random.key(0), (2, 4, 8, 8) if nchw else (2, 8, 8, 4))
     in_features = 4 // kwargs.get("feature_group_count", 1)
-    w = jax.random.normal(jax.random.key(1), (6, in_features, 3, 3) if nchw else (3, 3, in_features, 6))
+    w_shape = (6, in_features, 3, 3) if nchw else (3, 3, in_features, 6)
+    w = jax.random.normal(jax.random.key(1), w_shape)
 
     def loss(conv):
         return lambda x, w: jnp.sum(conv(x, w, (1, 1), **kwargs) ** 2)
@@ -207,3 +208,15 @@ def test_cnn_with_lax_convolution_supports_forward_mode():
         jax.jvp(lambda p: ours.apply(p, x), (params,), (params,))
     _, tangent = jax.jvp(lambda p: theirs.apply(p, x), (params,), (params,))
     assert tangent.shape == (2, 10) and bool(jnp.all(jnp.isfinite(tangent)))
+
+
+def test_conv_general_dilated_takes_precision_as_lax_does():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    dn = ("NHWC", "HWIO", "NHWC")
+    for precision in ("highest", lax.Precision.HIGHEST, (lax.Precision.HIGHEST,) * 2):
+        def loss(conv, precision=precision):
+            return lambda w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                          precision=precision) ** 2)
+        np.testing.assert_allclose(jax.grad(loss(conv_general_dilated))(w),
+                                   jax.grad(loss(lax.conv_general_dilated))(w), rtol=1e-5)
