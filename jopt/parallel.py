@@ -399,6 +399,9 @@ class DataParallel:
         error feedback).
       axis_name: name of the data-parallel mesh axis.
       donate: donate the state's buffers to each epoch (the old state is consumed).
+      compiler_options: XLA options the epoch is compiled with, as ``jax.jit``'s
+        ``compiler_options`` (e.g. :func:`jopt.models.conv_compiler_options`).
+        ``jax.pmap`` takes none, so ``"pmap"`` compiles with XLA's defaults.
       check_optimizer: with ``"zero1"``, check that ``optimizer`` is elementwise and
         updates the packed buffers as it updates the tree given to :meth:`init`. The
         second check runs one Adam-sized update of random parameters of the model's
@@ -421,6 +424,7 @@ class DataParallel:
         compression: str | None = None,
         axis_name: str = AXIS_NAME,
         donate: bool = True,
+        compiler_options: dict[str, Any] | None = None,
         check_optimizer: bool = True,
     ):
         if strategy not in STRATEGIES:
@@ -449,6 +453,7 @@ class DataParallel:
         self.axis_name = axis_name
         self.devices = devices
         self.donate = donate
+        self.compiler_options = dict(compiler_options) if compiler_options else None
         self.check_optimizer = check_optimizer
         self.mesh = Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
         # pmap takes and returns process-local arrays; the other paths global ones.
@@ -1035,7 +1040,7 @@ class DataParallel:
         donate = (0, 1, 2) if self.donate else ()
         if self.strategy == "none":
             epoch = functools.partial(self._device_epoch, pcast=False, rows=False)
-            return jax.jit(epoch, donate_argnums=donate)
+            return jax.jit(epoch, donate_argnums=donate, compiler_options=self.compiler_options)
         if self.strategy == "pmap":
             epoch = functools.partial(self._device_epoch, pcast=False, rows=False)
             return jax.pmap(epoch, self.axis_name, in_axes=(None, None, 0, 1),
@@ -1054,7 +1059,7 @@ class DataParallel:
                 check_vma=True)
             return mapped(params, opt_state, residuals, batches)
 
-        return jax.jit(run, donate_argnums=donate)
+        return jax.jit(run, donate_argnums=donate, compiler_options=self.compiler_options)
 
 
 class LoopEpochs:
@@ -1083,20 +1088,23 @@ class LoopEpochs:
       batch_size: the global batch size (checked against the device count).
       compression: ``None`` or ``"int8"``.
       devices: the devices (default: all of them).
+      compiler_options: XLA options for the epoch (see :class:`DataParallel`).
 
     Raises:
       ValueError: ``batch_size`` does not split over the devices, or a bad strategy.
     """
 
     def __init__(self, loss_fn, optimizer, *, strategy: str, batch_size: int,
-                 compression: str | None = None, devices: Sequence[jax.Device] | None = None):
+                 compression: str | None = None, devices: Sequence[jax.Device] | None = None,
+                 compiler_options: dict[str, Any] | None = None):
         def batch_loss(params, batch):
             loss, logits = loss_fn(params, batch["image"], batch["label"])
             correct = jnp.sum(jnp.argmax(logits, axis=-1) == batch["label"])
             return loss, correct.astype(jnp.float32)
 
         self.trainer = DataParallel(batch_loss, optimizer, strategy=strategy,
-                                    compression=compression, devices=devices)
+                                    compression=compression, devices=devices,
+                                    compiler_options=compiler_options)
         check_batch_size(batch_size, self.trainer.num_devices)
         self._kept: tuple[Any, TrainState] | None = None  # (state handed back, sharded state)
         self._host: tuple[Any, np.ndarray] | None = None

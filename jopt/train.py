@@ -564,7 +564,8 @@ def build_epoch_fn(config: ml_collections.ConfigDict, loss_fn: LossFn,
         try:
             return parallel.LoopEpochs(loss_fn, tx, strategy=config.parallel,
                                        batch_size=config.batch_size,
-                                       compression=config.gradient_compression)
+                                       compression=config.gradient_compression,
+                                       compiler_options=compiler_options_for(config))
         except ValueError as e:
             raise ConfigError(f"config.batch_size={config.batch_size}: {e}") from None
     train_step = make_train_step(loss_fn, tx)

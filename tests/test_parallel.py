@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -539,3 +540,34 @@ def test_pmap_splits_jax_array_batches_like_host_arrays():
     # shard_batches' output is taken as it is (no second split).
     state, metrics = trainer.train_epoch(state, trainer.shard_batches(batches))
     np.testing.assert_allclose(metrics.loss, expected_metrics.loss, rtol=1e-5)
+
+
+def test_compiler_options_reach_the_data_parallel_epoch(batches):
+    """jopt train's CNN options (convolutions out of YNNPACK on CPU) apply to the
+    jit-compiled strategies too: DataParallel passes ``compiler_options`` to the epoch."""
+    from jopt import models, train
+    from jopt.cli import load_config
+    from jopt.models import CNN
+
+    config = load_config("configs/cnn.py", ["--config.parallel=shard_map"])
+    model = train.create_model(config)
+    tx = train.create_optimizer(config, steps_per_epoch=1)
+    loop = train.build_epoch_fn(config, train.make_loss_fn(train.make_apply_fn(model)), tx)
+    assert loop.trainer.compiler_options == (models.conv_compiler_options() or None)
+
+    cnn = CNN(conv_features=(32, 64), hidden_sizes=(16,))  # 8 images per device
+
+    def loss_fn(params, batch):
+        logits = cnn.apply(params, batch["image"].astype(jnp.float32) / 255.0)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+    params = jax.jit(cnn.init)(jax.random.key(0), jnp.zeros((1, 28, 28)))
+    short = jax.tree.map(lambda x: x[:1, :64], batches)
+    trainer = DataParallel(loss_fn, optax.sgd(0.1), strategy="shard_map",
+                           compiler_options=models.conv_compiler_options())
+    hlo = trainer.epoch_hlo(trainer.init(params), short)
+    convolutions = [line for line in hlo.splitlines() if " convolution(" in line]
+    assert len(convolutions) == 5
+    ynn = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"__ynn_fusion"', hlo))
+    assert not any(block.strip().split(" ", 1)[0] in ynn and " convolution(" in block
+                   for block in hlo.split("\n\n"))
