@@ -11,6 +11,7 @@ from jax import lax
 
 from jopt import models
 from jopt.models import CNN, MLP, conv_general_dilated, num_params
+from hlo_checks import convolutions_in_ynn_fusions
 
 
 def test_mlp_is_the_reference_784_64_64_10():
@@ -162,13 +163,6 @@ def test_cnn_gradient_convolutions_stay_canonical_inside_a_scan():
     assert "conditional" not in hlo  # the platform switch is resolved when compiling
 
 
-def _convolutions_in_ynn_fusions(hlo: str) -> int:
-    """Convolutions that XLA:CPU placed inside YNNPACK fusions of a compiled program."""
-    called = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"__ynn_fusion"', hlo))
-    return sum(block.count(" convolution(") for block in hlo.split("\n\n")
-               if block.strip().split(" ", 1)[0] in called)
-
-
 def test_conv_compiler_options_keep_convolutions_in_xla_on_cpu_only():
     assert models.conv_compiler_options("gpu") == {}
     assert models.conv_compiler_options("tpu") == {}
@@ -186,7 +180,7 @@ def test_conv_compiler_options_keep_convolutions_in_xla_on_cpu_only():
                    compiler_options=models.conv_compiler_options())
     hlo = step.lower(params).compile().as_text()
     assert len(re.findall(r" convolution\(", hlo)) == 5  # 2 forward, 3 gradient
-    assert _convolutions_in_ynn_fusions(hlo) == 0
+    assert convolutions_in_ynn_fusions(hlo) == 0
     # An MLP compiles to the same program with or without them. (If not, this jaxlib's
     # default YNN fusion list changed: update models._YNN_FUSIONS_WITHOUT_CONVOLUTIONS.)
     mlp = MLP(hidden_sizes=(8,))

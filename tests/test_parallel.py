@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +22,7 @@ from jopt.parallel import (
     communication_bytes,
     int8_pmean,
 )
+from hlo_checks import convolutions_in_ynn_fusions
 
 # Data parallelism over the 8 simulated CPU devices of conftest.py.
 pytestmark = pytest.mark.eight_devices
@@ -568,6 +568,4 @@ def test_compiler_options_reach_the_data_parallel_epoch(batches):
     hlo = trainer.epoch_hlo(trainer.init(params), short)
     convolutions = [line for line in hlo.splitlines() if " convolution(" in line]
     assert len(convolutions) == 5
-    ynn = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"__ynn_fusion"', hlo))
-    assert not any(block.strip().split(" ", 1)[0] in ynn and " convolution(" in block
-                   for block in hlo.split("\n\n"))
+    assert convolutions_in_ynn_fusions(hlo) == 0
