@@ -215,3 +215,16 @@ def test_conv_general_dilated_takes_precision_as_lax_does():
                                           precision=precision) ** 2)
         np.testing.assert_allclose(jax.grad(loss(conv_general_dilated))(w),
                                    jax.grad(loss(lax.conv_general_dilated))(w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["strides", "rhs_ndim", "channels", "pads"])
+def test_conv_general_dilated_rejects_bad_arguments_as_lax_does(case):
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    args = {"strides": (x, w, (1,), "SAME"), "rhs_ndim": (x, w[0], (1, 1), "SAME"),
+            "channels": (x, jnp.ones((3, 3, 5, 4)), (1, 1), "SAME"),
+            "pads": (x, w, (1, 1), [(1, 1)])}[case]
+    dn = ("NHWC", "HWIO", "NHWC")
+    with pytest.raises((TypeError, ValueError)) as expected:
+        lax.conv_general_dilated(*args, dimension_numbers=dn)
+    with pytest.raises(expected.type, match=re.escape(str(expected.value).splitlines()[0])):
+        conv_general_dilated(*args, dimension_numbers=dn)
