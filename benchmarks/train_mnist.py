@@ -44,7 +44,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -330,9 +329,7 @@ def main() -> None:
         if steps < 1 or steps * args.batch_size > len(dataset.train_images):
             parser.error(f"--steps must be in [1, {len(dataset.train_images) // args.batch_size}]"
                          f" at batch size {args.batch_size}, got {steps}")
-        dataset = dataclasses.replace(dataset,
-                                      train_images=dataset.train_images[:steps * args.batch_size],
-                                      train_labels=dataset.train_labels[:steps * args.batch_size])
+        dataset = data.subset(dataset, train=steps * args.batch_size)
     model = args.model
     loops = {"jopt": jopt_epoch(dataset, args.batch_size, model)}
     if model == "cnn":

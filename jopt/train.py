@@ -1025,8 +1025,9 @@ def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
     eval_data = prepare_eval_data(dataset.test_images, dataset.test_labels,
                                   config.eval_batch_size)
     params = state.params.unpack() if isinstance(state.params, FlatParams) else state.params
+    options = compiler_options_for(config)
     float_result = build_eval_fn(make_apply_fn(model, COMPUTE_DTYPES[config.compute_dtype]),
-                                 compiler_options_for(config))(params, eval_data)
+                                 options)(params, eval_data)
 
     def integer_apply(qvariables, images):
         x = images.astype(jnp.float32) * (1.0 / 255.0)
@@ -1034,7 +1035,7 @@ def quantize_checkpoint(workdir: str | os.PathLike, *, mode: str | None = None,
 
     qvariables = quantization.quantize_params(params, mode)
     result = jax.device_get(
-        build_eval_fn(integer_apply, compiler_options_for(config))(qvariables, eval_data))
+        build_eval_fn(integer_apply, options)(qvariables, eval_data))
     sizes = quantization.size_report(params, qvariables)
     path = Path(workdir) / f"quantized_{mode}.npz"
     record = {
