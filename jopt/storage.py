@@ -570,10 +570,22 @@ def _rows_absmax(arrays: list[jax.Array]) -> list[jax.Array]:
     extremes = jax.lax.reduce(
         tuple(a for a in arrays for _ in range(2)),
         tuple(jnp.float32(x) for _ in arrays for x in (-jnp.inf, jnp.inf)),
-        lambda a, b: tuple(
-            f(x, y) for x, y, f in zip(a, b, [jnp.maximum, jnp.minimum] * len(arrays))),
+        _max_min_reducer(len(arrays)),
         (1,))
     return [jnp.maximum(high, -low) for high, low in zip(extremes[::2], extremes[1::2])]
+
+
+@functools.cache
+def _max_min_reducer(num_arrays: int) -> Callable:
+    """The (max, min) * ``num_arrays`` reduction computation of :func:`_rows_absmax`.
+
+    One function object per arity: ``lax.reduce`` caches its program by the
+    computation's identity, so a fresh lambda per call would compile anew at every
+    step of an eager (un-jitted) update loop.
+    """
+    def reducer(a, b):
+        return tuple(f(x, y) for x, y, f in zip(a, b, [jnp.maximum, jnp.minimum] * num_arrays))
+    return reducer
 
 
 def _absmax_of(values: list[jax.Array]) -> list[jax.Array]:
@@ -964,6 +976,20 @@ def with_state_storage(
         leaves, treedef = jax.tree.flatten(tree)
         return treedef, [tuple(jnp.shape(x)) for x in leaves]
 
+    own_states: dict = {}
+
+    def own_state_of(params):
+        """``inner.init(params)`` as shapes, traced once per layout of ``params``:
+        ``jax.eval_shape`` traces ``inner.init`` at every call, which an eager
+        (un-jitted) update loop would pay at every step."""
+        leaves, treedef = jax.tree.flatten(params)
+        key = (treedef, tuple(jax.typeof(x) for x in leaves))
+        if key not in own_states:
+            if len(own_states) >= 16:  # a bound for callers with ever-new layouts
+                own_states.clear()
+            own_states[key] = jax.eval_shape(inner.init, params)
+        return own_states[key]
+
     def stream_names(state, match, is_leaf):
         """Names the params-shaped subtrees of ``state`` for their salts.
 
@@ -1053,7 +1079,7 @@ def with_state_storage(
         treedef, shapes = layout_of(updates)
         match = matcher(treedef, shapes)
         is_leaf = _params_like(treedef, shapes)
-        own = jax.eval_shape(inner.init, updates if params is None else params)
+        own = own_state_of(updates if params is None else params)
         signed_paths = _signed_paths(own)
 
         def apply_inner(updates, state, params):

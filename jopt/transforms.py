@@ -12,6 +12,7 @@ own and are re-exported by :mod:`jopt`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -45,9 +46,14 @@ def _abs_sq(x: jax.Array) -> jax.Array:
     return x**2
 
 
+@functools.partial(jax.jit, inline=True)
 def _bias_correction(moment: jax.Array, decay: Any, count: jax.Array) -> jax.Array:
     # decay**count is computed in float32 (or wider) before the cast, as low
-    # precision would round it to 1 and divide by zero (same as optax).
+    # precision would round it to 1 and divide by zero (same as optax). Jitted
+    # (inlined into an enclosing jit) because outside jit ``decay ** count`` with a
+    # concrete integer ``count`` is lax.integer_pow specialised on its value: every
+    # step of an eager update loop would compile a new program (optax jits its
+    # bias correction for the same reason).
     return moment / (1 - decay**count).astype(moment.dtype)
 
 
