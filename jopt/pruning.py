@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -309,6 +310,9 @@ def _checked_flags(tree: Any, n_m: tuple[int, int] | None, prunable: Any) -> lis
     return flags
 
 
+# Jitted (and inlined into an enclosing jit): outside jit the fori_loop's body, a
+# new closure at every call, would be traced and compiled at every mask update.
+@functools.partial(jax.jit, inline=True)
 def _keep_largest(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
     """Boolean mask of a 1-D array keeping all but the ``num_pruned`` smallest scores.
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jopt
+from jax_events import compile_events
 from optimizer_table import ROW_IDS, ROWS, TWIN_ROWS
 
 STEPS = 100
@@ -92,23 +93,6 @@ def test_jit_and_eager_agree(row):
     assert max_abs_diff(jitted, eager) <= 1e-6
 
 
-def _compile_events(run) -> list[str]:
-    """The names of JAX's tracing/lowering/compilation events while ``run()`` runs:
-    each one is a cache miss, i.e. work that a warm eager step must not repeat."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event.startswith("/jax/core/compile/"):
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        run()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return events
-
-
 def _row_with_storage(row, storage):
     kwargs = {} if storage is None else {"state_storage": storage}
     return lambda: row.factory(0.01, **row.kwargs, **kwargs)
@@ -150,7 +134,7 @@ def test_eager_steps_compile_nothing_new(make):
         jax.block_until_ready(carry)
 
     steps(2)  # the first steps compile each operation once
-    assert _compile_events(lambda: steps(3)) == []
+    assert compile_events(lambda: steps(3)) == []
     assert max_abs_diff(carry[0], params) > 0  # the steps did update
 
 

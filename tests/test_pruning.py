@@ -16,6 +16,8 @@ from jopt import data, pruning, train
 from jopt.cli import load_config
 from jopt.flat import FlatParams
 
+from jax_events import compile_events
+
 
 def _params(seed=0):
     """A small MLP-shaped tree: two kernels (prunable), two biases (not)."""
@@ -247,6 +249,30 @@ def test_params_stay_masked_over_many_steps(inner):
                     if np.shape(leaf) == keep.shape]
     assert any(np.abs(leaf[~keep]).max() > 0 for leaf in inner_leaves)
     assert _loss(final, x, y) < _loss(params, x, y)
+
+
+@pytest.mark.parametrize("granularity, structure", [
+    ("per_layer", "unstructured"), ("global", "unstructured"), ("per_layer", "2:4")])
+def test_eager_mask_updates_compile_nothing_new(granularity, structure):
+    """Outside jit, recomputing the masks at every step must reuse JAX's compiled
+    programs (the binary search's loop body was a new closure at each call: a model
+    with 9k weights took 250 ms a step instead of 6)."""
+    params, x, y = _params(), jnp.ones((2, 16)), jnp.ones((2, 4))
+    schedule = (pruning.one_shot(0.5) if structure == "2:4"
+                else pruning.polynomial_decay(0.0, 0.8, 0, 20, frequency=1))
+    tx = pruning.prune(jopt.adam(0.01), schedule, granularity=granularity, structure=structure)
+    carry = [params, tx.init(params)]
+
+    def steps(n):
+        for _ in range(n):
+            grads = jax.grad(_loss)(carry[0], x, y)
+            updates, carry[1] = tx.update(grads, carry[1], carry[0])
+            carry[0] = jopt.apply_updates(carry[0], updates)
+        jax.block_until_ready(carry)
+
+    steps(2)
+    assert compile_events(lambda: steps(3)) == []
+    assert pruning.sparsity(carry[0]) > 0
 
 
 def test_prune_on_flat_params_matches_tree():
