@@ -665,10 +665,28 @@ def _quantize_blocks(blocks, signed, step, stochastic, key, first, absmax=None):
         up = magnitude - lo > hi - magnitude
     codes = low + up
     if signed:
-        codes = jnp.where(blocks < 0, -codes, codes).astype(jnp.int8)
+        codes = _integers_as(jnp.where(blocks < 0, -codes, codes), jnp.int8)
     else:
-        codes = jnp.where(magnitude > 0, jnp.maximum(codes, 1.0), 0.0).astype(jnp.uint8)
+        codes = _integers_as(jnp.where(magnitude > 0, jnp.maximum(codes, 1.0), 0.0), jnp.uint8)
     return codes, scales
+
+
+_ROUNDING_MAGIC = 1.5 * 2.0**23
+
+
+def _integers_as(codes: jax.Array, dtype: Any) -> jax.Array:
+    """Integer-valued float32 ``codes`` in [-128, 255] as 8-bit ``dtype``, exactly.
+
+    Adding 1.5 * 2^23 moves an integer below 2^22 in magnitude into the low bits
+    of the float's mantissa, in two's complement: the sum's low byte is the code.
+    ``codes.astype(int8)`` gives the same bytes, but XLA converts a float to an
+    integer with saturation and a NaN check: on an AVX2 CPU 15 of the encode
+    loop's ~75 instructions per 8 values, and with this add and mask instead an
+    int8 encode of 10M values took 5.7-6.0 ms instead of 7.8-8.0 ms (best of 25).
+    A NaN gives 0, as the conversion does (its block's scale is NaN anyway).
+    """
+    bits = jax.lax.bitcast_convert_type(codes + jnp.float32(_ROUNDING_MAGIC), jnp.int32)
+    return jax.lax.bitcast_convert_type((bits & 0xFF).astype(jnp.uint8), dtype)
 
 
 def _power(q: jax.Array, power: int) -> jax.Array:

@@ -124,6 +124,18 @@ def test_int8_special_blocks(signed):
     np.testing.assert_array_equal(stored.scales, 1.0)
 
 
+@pytest.mark.parametrize("dtype, low, high", [(jnp.int8, -128, 127), (jnp.uint8, 0, 255)])
+def test_codes_leave_float32_by_their_bits_exactly(dtype, low, high):
+    """The encode's float -> 8-bit conversion (an add and a mask, not XLA's
+    saturating convert) gives every code the plain conversion gives; NaN gives 0."""
+    codes = jnp.arange(low, high + 1, dtype=jnp.float32)
+    converted = jax.jit(storage._integers_as, static_argnums=1)(codes, dtype)
+    assert converted.dtype == dtype
+    np.testing.assert_array_equal(converted, np.arange(low, high + 1).astype(dtype))
+    assert int(storage._integers_as(jnp.float32(jnp.nan), dtype)) == 0
+    assert int(storage._integers_as(jnp.float32(-0.0), dtype)) == 0
+
+
 def test_int8_never_rounds_a_positive_second_moment_to_zero():
     x = jnp.zeros(256).at[0].set(1.0).at[1].set(1e-30)
     for codec in (INT8, INT8_NEAREST):
