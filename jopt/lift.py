@@ -216,7 +216,7 @@ def lift(
             decoded = tuple(c.decode(s) for c, s in zip(codecs, previous))
             return rule(grad.astype(storage_lib.compute_dtype(grad.dtype)), decoded, count)
 
-        two_pass = storage_lib._recompute_for_encode()
+        two_pass = storage_lib._recompute_for_encode((grads, stored))
         for i, grad in enumerate(grads):
             previous = [column[i] for column in stored]
             grad = jnp.asarray(grad)
@@ -224,8 +224,8 @@ def lift(
             absmax = (storage_lib._prepass(codecs, values) if two_pass
                       else [None] * len(values))
             if any(a is not None for a in absmax):
-                # int8 on GPU/TPU: the state again, now to be encoded with the block
-                # maxima of the first evaluation (see storage._recompute_for_encode).
+                # int8: the state again, now to be encoded with the block maxima of
+                # the first evaluation (see storage._recompute_for_encode).
                 update, values = apply_rule(*jax.lax.optimization_barrier((grad, previous)))
             new_updates.append(update.astype(grad.dtype))
             for column, moment, codec, value, old, amax in zip(

@@ -774,7 +774,7 @@ def _two_pass_cases():
 
 @pytest.mark.parametrize("name", list(_two_pass_cases()))
 def test_two_pass_encode_gives_the_same_bits(monkeypatch, name):
-    """On GPUs/TPUs int8 state is computed twice, first for its block maxima (see
+    """int8 state is computed twice, first for its block maxima (see
     storage._recompute_for_encode): updates and stored state equal the one-pass
     computation's bit for bit - whole and partial blocks, a float32 small leaf."""
     x = jnp.linspace(-1.0, 1.0, 10_000)
@@ -802,12 +802,23 @@ def test_two_pass_encode_gives_the_same_bits(monkeypatch, name):
     assert quantized  # int8 state was really encoded
 
 
-def test_two_pass_is_the_default_off_cpu_only(monkeypatch):
-    monkeypatch.setattr(storage, "_TWO_PASS", None)
-    assert storage._recompute_for_encode() == (jax.default_backend() != "cpu")
+def test_two_pass_is_the_default_for_int8_only(monkeypatch):
     x = jnp.ones(8192)
+    tx = jopt.adam(1e-3, state_storage="int8")
+    assert "optimization_barrier" in str(jax.make_jaxpr(tx.update)(x, tx.init(x), x))
+    # Eagerly nothing is fused: the state is computed once.
+    calls = []
+    prepass = storage._prepass
+    monkeypatch.setattr(storage, "_prepass", lambda *a: calls.append(1) or prepass(*a))
+    for wrapped in (tx, storage.with_state_storage(optax.adam(1e-3), "int8")):
+        state = wrapped.update(x, wrapped.init(x), x)[1]
+        assert any(isinstance(s, storage.QuantizedArray)
+                   for s in jax.tree.leaves(state, is_leaf=storage.is_encoded))
+    assert not calls
+    tx = jopt.adam(1e-3, state_storage="int8")  # (make_jaxpr caches the trace of the first)
+    jax.make_jaxpr(tx.update)(x, tx.init(x), x)
+    assert calls  # and under a trace it is computed twice
     # Float32 and bfloat16 state need no maxima: no second evaluation.
-    monkeypatch.setattr(storage, "_TWO_PASS", True)
     for name in ("float32", "bfloat16"):
         tx = jopt.adam(1e-3, state_storage=name)
         assert "optimization_barrier" not in str(jax.make_jaxpr(tx.update)(x, tx.init(x), x))
